@@ -1,0 +1,299 @@
+//! The call engine's settings: the `[openai]` and `[call]` sections of `settings.toml`.
+//!
+//! The shell (`callbridge`) loads them with the `config` crate and hands them to the engine;
+//! they are defined here so the engine never imports the shell. Every field has a built-in
+//! default so `cargo run` works on a fresh machine, and `validate` names the key and the
+//! problem so a bad file stops start-up with a message an operator can act on.
+
+use serde::Deserialize;
+
+/// A setting that cannot be used, named by its full key (`openai.url`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("setting `{key}` {problem}")]
+pub struct ConfigError {
+    /// Full dotted key, as written in `settings.toml`.
+    pub key: &'static str,
+    /// What is wrong with it, in words an operator can act on.
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(key: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            key,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// The `[openai]` section: how the OpenAI Realtime leg connects and configures its session.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpenAiConfig {
+    /// Realtime websocket endpoint; `?model=` is appended.
+    pub url: String,
+    /// Model name, sent in the URL (GA sessions cannot change it later).
+    pub model: String,
+    /// Output voice (`audio.output.voice`).
+    pub voice: String,
+    /// System instructions for the agent.
+    pub instructions: String,
+    /// When not empty, the assistant speaks first with these instructions.
+    pub greeting: String,
+    /// Input transcription model; empty turns caller transcripts off.
+    pub transcription_model: String,
+    /// ISO-639-1 language hint for transcription; empty lets the model detect it.
+    pub transcription_language: String,
+    /// `near_field`, `far_field`, or empty for none.
+    pub noise_reduction: String,
+    /// Server VAD activation threshold, 0.0 to 1.0 (higher = fewer false barge-ins).
+    pub vad_threshold: f64,
+    /// Audio kept before detected speech, ms.
+    pub vad_prefix_padding_ms: u32,
+    /// Silence that ends a caller turn, ms.
+    pub vad_silence_duration_ms: u32,
+    /// Limit for connecting and reaching `session.updated`, ms.
+    pub connect_timeout_ms: u64,
+    /// Consecutive failed restarts of the OpenAI leg before the call is ended.
+    pub max_restarts: u32,
+    /// First restart delay, ms; doubles per consecutive failure.
+    pub restart_backoff_ms: u64,
+    /// Ceiling for the restart delay, ms.
+    pub restart_backoff_max_ms: u64,
+    /// Largest websocket frame accepted from OpenAI, bytes.
+    pub max_frame_bytes: usize,
+    /// After a restart, replay the call's transcript into the new session as context.
+    pub replay_transcript_on_restart: bool,
+}
+
+impl Default for OpenAiConfig {
+    fn default() -> Self {
+        Self {
+            url: "wss://api.openai.com/v1/realtime".into(),
+            model: "gpt-realtime".into(),
+            voice: "marin".into(),
+            instructions: "You are a friendly, concise phone assistant. Keep answers short: \
+                           the caller is listening on a phone."
+                .into(),
+            greeting: String::new(),
+            transcription_model: "gpt-4o-mini-transcribe".into(),
+            transcription_language: String::new(),
+            noise_reduction: "near_field".into(),
+            vad_threshold: 0.5,
+            vad_prefix_padding_ms: 300,
+            vad_silence_duration_ms: 500,
+            connect_timeout_ms: 5_000,
+            max_restarts: 3,
+            restart_backoff_ms: 250,
+            restart_backoff_max_ms: 4_000,
+            max_frame_bytes: 1 << 20,
+            replay_transcript_on_restart: true,
+        }
+    }
+}
+
+impl OpenAiConfig {
+    /// Checks every value an operator can get wrong; the first problem wins.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.url.starts_with("wss://") || self.url.starts_with("ws://")) {
+            return Err(ConfigError::new(
+                "openai.url",
+                format!("must start with wss:// or ws://, got {:?}", self.url),
+            ));
+        }
+        if self.url.contains('?') {
+            return Err(ConfigError::new(
+                "openai.url",
+                "must not carry a query string: the model is set with openai.model",
+            ));
+        }
+        if self.model.trim().is_empty() {
+            return Err(ConfigError::new("openai.model", "must not be empty"));
+        }
+        if self.voice.trim().is_empty() {
+            return Err(ConfigError::new("openai.voice", "must not be empty"));
+        }
+        if !matches!(
+            self.noise_reduction.as_str(),
+            "" | "near_field" | "far_field"
+        ) {
+            return Err(ConfigError::new(
+                "openai.noise_reduction",
+                format!(
+                    "must be \"near_field\", \"far_field\" or \"\", got {:?}",
+                    self.noise_reduction
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.vad_threshold) {
+            return Err(ConfigError::new(
+                "openai.vad_threshold",
+                format!("must be between 0.0 and 1.0, got {}", self.vad_threshold),
+            ));
+        }
+        if self.connect_timeout_ms == 0 {
+            return Err(ConfigError::new(
+                "openai.connect_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.restart_backoff_max_ms < self.restart_backoff_ms {
+            return Err(ConfigError::new(
+                "openai.restart_backoff_max_ms",
+                "must be at least openai.restart_backoff_ms",
+            ));
+        }
+        if self.max_frame_bytes < 64 * 1024 {
+            return Err(ConfigError::new(
+                "openai.max_frame_bytes",
+                "must be at least 65536: audio deltas and session events are larger than that",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The websocket URL with the model as its query.
+    pub fn connect_url(&self) -> String {
+        format!("{}?model={}", self.url, self.model)
+    }
+
+    /// Delay before restart attempt `attempt` (1-based): exponential, capped.
+    pub fn restart_delay_ms(&self, attempt: u32) -> u64 {
+        let shift = attempt.saturating_sub(1).min(20);
+        self.restart_backoff_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.restart_backoff_max_ms)
+    }
+}
+
+/// The `[call]` section: per-call buffers and bookkeeping.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallConfig {
+    /// Assistant audio held while Twilio has not sent `start` yet, ms of audio.
+    pub pre_start_buffer_ms: u64,
+    /// Caller audio held while the AI leg is connecting or restarting, ms of audio.
+    pub upstream_buffer_ms: u64,
+    /// Quiet time after the last DTMF digit before the model is asked to answer, ms (0: never).
+    pub dtmf_response_delay_ms: u64,
+    /// Log frame counts every this many frames (0: never).
+    pub frame_log_interval: u64,
+    /// Transcript entries kept per call (oldest dropped first).
+    pub transcript_max_entries: usize,
+    /// Largest websocket frame accepted from Twilio, bytes.
+    pub max_frame_bytes: usize,
+    /// Mask phone numbers in logs (`+1415***5309`); `/calls` shows them in full.
+    pub redact_numbers_in_logs: bool,
+    /// Write transcripts to the log (they are personal data).
+    pub log_transcripts: bool,
+}
+
+impl Default for CallConfig {
+    fn default() -> Self {
+        Self {
+            pre_start_buffer_ms: 5_000,
+            upstream_buffer_ms: 2_000,
+            dtmf_response_delay_ms: 800,
+            frame_log_interval: 50,
+            transcript_max_entries: 500,
+            max_frame_bytes: 64 * 1024,
+            redact_numbers_in_logs: true,
+            log_transcripts: true,
+        }
+    }
+}
+
+impl CallConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.pre_start_buffer_ms > 60_000 {
+            return Err(ConfigError::new(
+                "call.pre_start_buffer_ms",
+                "must be at most 60000 (one minute of audio per call)",
+            ));
+        }
+        if self.upstream_buffer_ms > 60_000 {
+            return Err(ConfigError::new(
+                "call.upstream_buffer_ms",
+                "must be at most 60000 (one minute of audio per call)",
+            ));
+        }
+        if self.transcript_max_entries == 0 {
+            return Err(ConfigError::new(
+                "call.transcript_max_entries",
+                "must be greater than 0",
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
+            return Err(ConfigError::new(
+                "call.max_frame_bytes",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which assistant answers calls, after `auto` has been resolved at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// The OpenAI Realtime API.
+    OpenAi,
+    /// A built-in assistant that plays the caller's audio back (telephony echo test).
+    Echo,
+}
+
+impl UpstreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamKind::OpenAi => "openai",
+            UpstreamKind::Echo => "echo",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        OpenAiConfig::default().validate().unwrap();
+        CallConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cfg = OpenAiConfig {
+            url: "https://api.openai.com/v1/realtime".into(),
+            ..Default::default()
+        };
+        assert_eq!(cfg.validate().unwrap_err().key, "openai.url");
+        let cfg = OpenAiConfig {
+            vad_threshold: 1.5,
+            ..Default::default()
+        };
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.key, "openai.vad_threshold");
+        assert!(err.to_string().contains("1.5"), "{err}");
+    }
+
+    #[test]
+    fn restart_delay_doubles_and_caps() {
+        let cfg = OpenAiConfig {
+            restart_backoff_ms: 100,
+            restart_backoff_max_ms: 1_000,
+            ..Default::default()
+        };
+        let delays: Vec<u64> = (1..=6).map(|n| cfg.restart_delay_ms(n)).collect();
+        assert_eq!(delays, vec![100, 200, 400, 800, 1_000, 1_000]);
+    }
+
+    #[test]
+    fn connect_url_carries_the_model() {
+        let cfg = OpenAiConfig::default();
+        assert_eq!(
+            cfg.connect_url(),
+            "wss://api.openai.com/v1/realtime?model=gpt-realtime"
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! `Engine`: what every call needs from the process (the registry, the settings, the upstream
+//! choice and its key), and the entry point the HTTP shell calls for each media stream.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_web::{web, HttpRequest, HttpResponse};
+use secrecy::SecretString;
+
+use crate::call::CallActor;
+use crate::config::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};
+use crate::registry::CallRegistry;
+use crate::twilio_stream;
+
+/// Cheap to clone: one per HTTP worker, shared by every call.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Addr<CallRegistry>,
+    openai: Arc<OpenAiConfig>,
+    call: CallConfig,
+    upstream: UpstreamKind,
+    api_key: Option<SecretString>,
+    next_instance: AtomicU64,
+}
+
+impl Engine {
+    /// Checks the settings and that OpenAI mode has a key.
+    pub fn new(
+        registry: Addr<CallRegistry>,
+        openai: OpenAiConfig,
+        call: CallConfig,
+        upstream: UpstreamKind,
+        api_key: Option<SecretString>,
+    ) -> Result<Self, ConfigError> {
+        openai.validate()?;
+        call.validate()?;
+        if upstream == UpstreamKind::OpenAi && api_key.is_none() {
+            return Err(ConfigError::new(
+                "upstream",
+                "is \"openai\" but OPENAI_API_KEY is not set",
+            ));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                registry,
+                openai: Arc::new(openai),
+                call,
+                upstream,
+                api_key,
+                next_instance: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    pub fn registry(&self) -> &Addr<CallRegistry> {
+        &self.inner.registry
+    }
+
+    pub fn upstream(&self) -> UpstreamKind {
+        self.inner.upstream
+    }
+
+    pub fn openai_config(&self) -> &OpenAiConfig {
+        &self.inner.openai
+    }
+
+    pub fn openai_config_arc(&self) -> Arc<OpenAiConfig> {
+        self.inner.openai.clone()
+    }
+
+    pub fn call_config(&self) -> &CallConfig {
+        &self.inner.call
+    }
+
+    pub(crate) fn api_key(&self) -> Option<SecretString> {
+        self.inner.api_key.clone()
+    }
+
+    /// Upgrades a `GET /media-stream` to the Twilio websocket and starts its call.
+    pub fn accept_media_stream(
+        &self,
+        req: &HttpRequest,
+        payload: web::Payload,
+    ) -> Result<HttpResponse, actix_web::Error> {
+        let instance = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
+        let engine = self.clone();
+        twilio_stream::accept(req, payload, self.inner.call.max_frame_bytes, |twilio| {
+            CallActor::new(engine, instance, twilio)
+        })
+    }
+}

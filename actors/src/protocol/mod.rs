@@ -1,0 +1,75 @@
+//! Wire formats, as pure code: no actors, no sockets, no clocks.
+//!
+//! Each module turns bytes from a peer into typed events and typed commands into the exact text
+//! the peer expects (`reference/protocols.md` is the source for every field). Actors call these;
+//! the unit tests beside each module use the reference's examples and test vectors.
+
+pub mod g711;
+pub mod openai;
+pub mod signature;
+pub mod twilio;
+pub mod twiml;
+
+/// A JSON string that borrows from the frame when it has no escapes. Serde borrows a bare
+/// `Cow<str>` field marked `#[serde(borrow)]` but not one inside an `Option`; this wrapper makes
+/// `Option<JsonStr>` borrow too, which keeps the per-frame audio path free of copies.
+#[derive(Debug, serde::Deserialize)]
+#[serde(transparent)]
+pub(crate) struct JsonStr<'a>(#[serde(borrow)] pub std::borrow::Cow<'a, str>);
+
+/// Length in bytes of the audio a standard base64 string carries, or `None` when the string is
+/// not canonical base64 (wrong alphabet, length not a multiple of 4, misplaced padding).
+///
+/// Audio passes through the bridge as base64 text, undecoded. This check is what makes that safe:
+/// it proves the payload can be spliced into JSON without escaping and that the peer will be able
+/// to decode it, at the cost of one pass over the bytes and no allocation.
+pub fn base64_audio_len(b64: &str) -> Option<usize> {
+    let bytes = b64.as_bytes();
+    if bytes.is_empty() || bytes.len() % 4 != 0 {
+        return None;
+    }
+    let padding = bytes.iter().rev().take_while(|&&b| b == b'=').count();
+    if padding > 2 {
+        return None;
+    }
+    let body = &bytes[..bytes.len() - padding];
+    if !body
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    {
+        return None;
+    }
+    Some(bytes.len() / 4 * 3 - padding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    #[test]
+    fn base64_audio_len_matches_decoding() {
+        let engine = base64::engine::general_purpose::STANDARD;
+        for n in 1..50usize {
+            let data: Vec<u8> = (0..n).map(|i| (i * 37) as u8).collect();
+            let text = engine.encode(&data);
+            assert_eq!(base64_audio_len(&text), Some(n), "{text}");
+        }
+    }
+
+    #[test]
+    fn base64_audio_len_rejects_what_is_not_base64() {
+        for bad in [
+            "",
+            "abc",
+            "ab\"c",
+            "a===",
+            "ab=c",
+            "ab c",
+            "\\/8=",
+            "////=====",
+        ] {
+            assert_eq!(base64_audio_len(bad), None, "{bad:?}");
+        }
+    }
+}

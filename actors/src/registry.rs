@@ -1,0 +1,291 @@
+//! `CallRegistry`: the one actor that knows every live call, for `/calls` and `/health`.
+//!
+//! Calls register when Twilio's `start` names them and unregister when they end. The registry
+//! holds only a `Recipient<GetSnapshot>` per call and asks for snapshots when `/calls` is read;
+//! calls never send it per-frame traffic, so it costs nothing on the audio path.
+
+use std::collections::HashMap;
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+use serde::Serialize;
+
+use crate::messages::GetSnapshot;
+
+/// One line of a call's transcript as `/calls/{sid}` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TranscriptEntry {
+    pub role: crate::messages::Role,
+    pub text: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// A live call as `/calls` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CallSnapshot {
+    pub call_sid: String,
+    pub stream_sid: String,
+    /// `active`, `reconnecting` (AI leg restarting) or `ending`.
+    pub state: &'static str,
+    /// RFC 3339, when the media stream connected.
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub from: String,
+    pub to: String,
+    /// `openai` or `echo`.
+    pub upstream: &'static str,
+    /// `connecting`, `ready` or `restarting`.
+    pub upstream_state: &'static str,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub barge_ins: u64,
+    pub upstream_restarts: u32,
+    pub upstream_errors: u64,
+    pub malformed_frames: u64,
+    /// Marks sent to Twilio and not yet echoed: audio still queued for the caller.
+    pub marks_pending: usize,
+    pub dropped_frames: DroppedFrames,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transcript: Option<Vec<TranscriptEntry>>,
+}
+
+/// Audio chunks dropped on purpose, by reason (every bounded queue counts what it dropped).
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct DroppedFrames {
+    /// Assistant audio over `call.pre_start_buffer_ms` before Twilio's `start`.
+    pub pre_start: u64,
+    /// Caller audio over `call.upstream_buffer_ms` while the AI leg was not ready.
+    pub upstream_not_ready: u64,
+    /// Late audio of a response the caller interrupted.
+    pub interrupted: u64,
+}
+
+/// CallActor → CallRegistry: this call is live.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub call_sid: String,
+    /// Tells this registration from a later one with the same SID.
+    pub instance: u64,
+    pub snapshot: Recipient<GetSnapshot>,
+}
+
+/// CallActor → CallRegistry: this call has ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub call_sid: String,
+    pub instance: u64,
+}
+
+/// HTTP shell → CallRegistry: snapshots of every live call, oldest first.
+#[derive(Message)]
+#[rtype(result = "Vec<CallSnapshot>")]
+pub struct ListCalls;
+
+/// HTTP shell → CallRegistry: one call with its transcript, if live.
+#[derive(Message)]
+#[rtype(result = "Option<CallSnapshot>")]
+pub struct GetCall {
+    pub call_sid: String,
+}
+
+/// HTTP shell → CallRegistry: how many calls are live.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CallCount;
+
+#[derive(Default)]
+pub struct CallRegistry {
+    calls: HashMap<String, (u64, Recipient<GetSnapshot>)>,
+}
+
+impl Actor for CallRegistry {
+    type Context = Context<Self>;
+}
+
+/// Registers a call; a second call with a live SID replaces the first (logged).
+impl Handler<Register> for CallRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+        if self
+            .calls
+            .insert(msg.call_sid.clone(), (msg.instance, msg.snapshot))
+            .is_some()
+        {
+            log::warn!(
+                "[{}] a second media stream registered for a live call SID; /calls shows the newest",
+                msg.call_sid
+            );
+        }
+    }
+}
+
+/// Removes a call, unless a newer registration of the same SID replaced it.
+impl Handler<Unregister> for CallRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
+        if self
+            .calls
+            .get(&msg.call_sid)
+            .is_some_and(|(instance, _)| *instance == msg.instance)
+        {
+            self.calls.remove(&msg.call_sid);
+        }
+    }
+}
+
+/// Asks every call for its snapshot; a call that ended meanwhile is left out.
+impl Handler<ListCalls> for CallRegistry {
+    type Result = ResponseFuture<Vec<CallSnapshot>>;
+
+    fn handle(&mut self, _: ListCalls, _: &mut Context<Self>) -> Self::Result {
+        let asks: Vec<_> = self
+            .calls
+            .values()
+            .map(|(_, r)| {
+                r.send(GetSnapshot {
+                    with_transcript: false,
+                })
+            })
+            .collect();
+        Box::pin(async move {
+            let mut calls: Vec<CallSnapshot> = join_all(asks).await.into_iter().flatten().collect();
+            calls.sort_by(|a, b| {
+                a.started_at
+                    .cmp(&b.started_at)
+                    .then(a.call_sid.cmp(&b.call_sid))
+            });
+            calls
+        })
+    }
+}
+
+/// Asks one call for its snapshot with transcript.
+impl Handler<GetCall> for CallRegistry {
+    type Result = ResponseFuture<Option<CallSnapshot>>;
+
+    fn handle(&mut self, msg: GetCall, _: &mut Context<Self>) -> Self::Result {
+        let ask = self.calls.get(&msg.call_sid).map(|(_, r)| {
+            r.send(GetSnapshot {
+                with_transcript: true,
+            })
+        });
+        Box::pin(async move {
+            match ask {
+                Some(ask) => ask.await.ok(),
+                None => None,
+            }
+        })
+    }
+}
+
+impl Handler<CallCount> for CallRegistry {
+    type Result = usize;
+
+    fn handle(&mut self, _: CallCount, _: &mut Context<Self>) -> usize {
+        self.calls.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in call that answers snapshots with its SID.
+    struct FakeCall(&'static str);
+
+    impl Actor for FakeCall {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<GetSnapshot> for FakeCall {
+        type Result = MessageResult<GetSnapshot>;
+        fn handle(&mut self, msg: GetSnapshot, _: &mut Context<Self>) -> Self::Result {
+            MessageResult(CallSnapshot {
+                call_sid: self.0.into(),
+                stream_sid: "MZ".into(),
+                state: "active",
+                started_at: format!("2026-01-01T00:00:0{}Z", self.0.len()),
+                duration_ms: 0,
+                from: String::new(),
+                to: String::new(),
+                upstream: "echo",
+                upstream_state: "ready",
+                frames_in: 0,
+                frames_out: 0,
+                barge_ins: 0,
+                upstream_restarts: 0,
+                upstream_errors: 0,
+                malformed_frames: 0,
+                marks_pending: 0,
+                dropped_frames: DroppedFrames::default(),
+                transcript: msg.with_transcript.then(Vec::new),
+            })
+        }
+    }
+
+    #[actix::test]
+    async fn registers_lists_and_forgets_calls() {
+        let registry = CallRegistry::default().start();
+        let a = FakeCall("CA1").start();
+        let b = FakeCall("CA22").start();
+        registry
+            .send(Register {
+                call_sid: "CA1".into(),
+                instance: 1,
+                snapshot: a.recipient(),
+            })
+            .await
+            .unwrap();
+        registry
+            .send(Register {
+                call_sid: "CA22".into(),
+                instance: 2,
+                snapshot: b.recipient(),
+            })
+            .await
+            .unwrap();
+        let calls = registry.send(ListCalls).await.unwrap();
+        let sids: Vec<_> = calls.iter().map(|c| c.call_sid.as_str()).collect();
+        assert_eq!(sids, vec!["CA1", "CA22"]);
+        assert!(calls.iter().all(|c| c.transcript.is_none()));
+
+        let one = registry
+            .send(GetCall {
+                call_sid: "CA22".into(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(one.transcript, Some(vec![]));
+
+        // A stale unregister (older instance) must not remove a newer registration.
+        registry
+            .send(Unregister {
+                call_sid: "CA22".into(),
+                instance: 99,
+            })
+            .await
+            .unwrap();
+        assert_eq!(registry.send(CallCount).await.unwrap(), 2);
+        registry
+            .send(Unregister {
+                call_sid: "CA1".into(),
+                instance: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(registry.send(CallCount).await.unwrap(), 1);
+        assert!(registry
+            .send(GetCall {
+                call_sid: "CA1".into()
+            })
+            .await
+            .unwrap()
+            .is_none());
+    }
+}
