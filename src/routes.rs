@@ -1,0 +1,270 @@
+//! HTTP routes: the Twilio voice webhook, the Media Streams websocket, and inspection.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /voice` | Twilio voice webhook → TwiML `<Connect><Stream>` |
+//! | `GET /media-stream` | Twilio Media Streams websocket (one call per connection) |
+//! | `GET /health` | liveness, upstream in use, live call count |
+//! | `GET /calls` | every live call |
+//! | `GET /calls/{call_sid}` | one live call with its transcript |
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use callbridge_actors::protocol::{signature, twiml};
+use callbridge_actors::{CallCount, Engine, GetCall, ListCalls, UpstreamKind};
+use secrecy::ExposeSecret;
+use serde_json::json;
+
+use crate::settings::Settings;
+
+/// Path of the Media Streams websocket, as the TwiML points Twilio at it.
+pub const MEDIA_STREAM_PATH: &str = "/media-stream";
+
+/// Shared by every worker.
+pub struct AppState {
+    pub engine: Engine,
+    pub settings: Arc<Settings>,
+    pub started: Instant,
+}
+
+/// An HTTP error with a JSON body; the message never carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// `X-Twilio-Signature` missing or wrong.
+    #[error("invalid or missing X-Twilio-Signature")]
+    BadSignature,
+    /// `/calls` needs the admin token.
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// No live call with that SID.
+    #[error("no live call {0}")]
+    CallNotFound(String),
+    /// The registry did not answer.
+    #[error("call registry unavailable")]
+    RegistryUnavailable,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadSignature => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::CallNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::RegistryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status_code()).json(json!({"error": self.to_string()}))
+    }
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/voice", web::post().to(voice))
+        .route(MEDIA_STREAM_PATH, web::get().to(media_stream))
+        .route("/health", web::get().to(health))
+        .route("/calls", web::get().to(list_calls))
+        .route("/calls/{call_sid}", web::get().to(get_call));
+}
+
+/// Answers Twilio's voice webhook with TwiML that connects the call to our media stream.
+async fn voice(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(&body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/voice");
+    check_signature(&req, &state, &http_url(&req, &state, path_and_query), &params)?;
+
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
+    let call_sid = param("CallSid");
+    log::info!("[{call_sid}] incoming call: answering with <Connect><Stream>");
+    let body = twiml::connect_stream(
+        &stream_url(&req, &state),
+        &[
+            ("From", param("From")),
+            ("To", param("To")),
+            ("CallSid", call_sid),
+        ],
+    );
+    Ok(HttpResponse::Ok()
+        .content_type("text/xml; charset=utf-8")
+        .body(body))
+}
+
+/// The Twilio Media Streams websocket.
+async fn media_stream(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    // The upgrade is a GET with no body: Twilio signs the wss:// URL alone.
+    check_signature(&req, &state, &stream_url(&req, &state), &[])?;
+    state.engine.accept_media_stream(&req, payload)
+}
+
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let live_calls = state
+        .engine
+        .registry()
+        .send(CallCount)
+        .await
+        .unwrap_or_default();
+    let upstream = state.engine.upstream();
+    let mut body = json!({
+        "status": "healthy",
+        "upstream": upstream.as_str(),
+        "upstream_mode": state.settings.upstream.as_str(),
+        "live_calls": live_calls,
+        "uptime_s": state.started.elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    if upstream == UpstreamKind::Echo {
+        body["warning"] = json!(echo_warning(&state.settings));
+    }
+    HttpResponse::Ok().json(body)
+}
+
+async fn list_calls(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    let calls = state
+        .engine
+        .registry()
+        .send(ListCalls)
+        .await
+        .map_err(|_| ApiError::RegistryUnavailable)?;
+    Ok(HttpResponse::Ok().json(json!({"count": calls.len(), "calls": calls})))
+}
+
+async fn get_call(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    let call_sid = path.into_inner();
+    let call = state
+        .engine
+        .registry()
+        .send(GetCall {
+            call_sid: call_sid.clone(),
+        })
+        .await
+        .map_err(|_| ApiError::RegistryUnavailable)?;
+    match call {
+        Some(call) => Ok(HttpResponse::Ok().json(call)),
+        None => Err(ApiError::CallNotFound(call_sid)),
+    }
+}
+
+/// The warning shown at start-up and in `/health` when calls go to the echo assistant.
+pub fn echo_warning(settings: &Settings) -> &'static str {
+    if settings.upstream == crate::settings::UpstreamMode::Echo {
+        "upstream is \"echo\": callers hear their own voice (telephony test mode)"
+    } else {
+        "OPENAI_API_KEY is not set: upstream \"auto\" fell back to the ECHO assistant; callers hear their own voice, not an AI"
+    }
+}
+
+/// The public base URL (`server.public_url`) or, without one, what the request says.
+fn public_base(req: &HttpRequest, state: &AppState) -> String {
+    let configured = state.settings.server.public_url.trim();
+    if configured.is_empty() {
+        let info = req.connection_info();
+        format!("{}://{}", info.scheme(), info.host())
+    } else {
+        configured.trim_end_matches('/').to_string()
+    }
+}
+
+fn http_url(req: &HttpRequest, state: &AppState, path_and_query: &str) -> String {
+    format!("{}{}", public_base(req, state), path_and_query)
+}
+
+/// The `wss://` URL of the media stream. Twilio only connects to `wss`; without a configured
+/// public URL the host of the webhook request is used, which is what a tunnel forwards.
+fn stream_url(req: &HttpRequest, state: &AppState) -> String {
+    if state.settings.server.public_url.trim().is_empty() {
+        let host = req.connection_info().host().to_string();
+        format!("wss://{host}{MEDIA_STREAM_PATH}")
+    } else {
+        signature::stream_url(&public_base(req, state), MEDIA_STREAM_PATH)
+    }
+}
+
+fn check_signature(
+    req: &HttpRequest,
+    state: &AppState,
+    url: &str,
+    params: &[(String, String)],
+) -> Result<(), ApiError> {
+    let Some(token) = &state.settings.secrets.twilio_auth_token else {
+        return Ok(());
+    };
+    if !state.settings.twilio.validate_signatures {
+        return Ok(());
+    }
+    let header = req
+        .headers()
+        .get("X-Twilio-Signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if signature::validate(token.expose_secret(), url, params, header) {
+        Ok(())
+    } else {
+        log::warn!(
+            "rejected {} {}: invalid or missing X-Twilio-Signature (signed URL expected: {url})",
+            req.method(),
+            req.path()
+        );
+        Err(ApiError::BadSignature)
+    }
+}
+
+fn check_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let Some(token) = &state.settings.secrets.admin_token else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Any other path: a JSON 404.
+pub async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(json!({"error": "not found"}))
+}

@@ -1,0 +1,317 @@
+//! Settings: `settings.toml` (or `--config PATH`), then `CALLBRIDGE__SECTION__KEY` environment
+//! overrides, then secrets from the environment only (`OPENAI_API_KEY`, `TWILIO_AUTH_TOKEN`,
+//! `CALLBRIDGE_ADMIN_TOKEN`). Every key has a built-in default, so the service starts with no file
+//! and no keys. A bad value stops start-up with a message that names the key.
+
+use std::path::{Path, PathBuf};
+
+use callbridge_actors::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The file read when `--config` is not given (missing is fine: defaults apply).
+pub const DEFAULT_FILE: &str = "settings.toml";
+/// Prefix of environment overrides: `CALLBRIDGE__SERVER__PORT=8080`.
+pub const ENV_PREFIX: &str = "CALLBRIDGE";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    /// Which assistant answers: `auto`, `openai` or `echo`.
+    pub upstream: UpstreamMode,
+    pub openai: OpenAiConfig,
+    pub call: CallConfig,
+    pub twilio: TwilioSettings,
+    pub log: LogSettings,
+    /// From the environment only, never from a file.
+    #[serde(skip)]
+    pub secrets: Secrets,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    /// Public base URL Twilio reaches (`https://bridge.example.com`); empty: from the request.
+    pub public_url: String,
+    /// HTTP worker threads; 0 = one per CPU core.
+    pub workers: usize,
+    /// Seconds live calls get to finish on shutdown before their sockets are closed.
+    pub shutdown_timeout_s: u64,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            public_url: String::new(),
+            workers: 0,
+            shutdown_timeout_s: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    /// OpenAI when `OPENAI_API_KEY` is set, otherwise the echo assistant (with a warning).
+    #[default]
+    Auto,
+    /// OpenAI; start-up fails without a key.
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// The built-in echo assistant (telephony test, no OpenAI account).
+    Echo,
+}
+
+impl UpstreamMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamMode::Auto => "auto",
+            UpstreamMode::OpenAi => "openai",
+            UpstreamMode::Echo => "echo",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TwilioSettings {
+    /// Check `X-Twilio-Signature` on `/voice` and `/media-stream` when `TWILIO_AUTH_TOKEN` is set.
+    pub validate_signatures: bool,
+}
+
+impl Default for TwilioSettings {
+    fn default() -> Self {
+        Self {
+            validate_signatures: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `error`, `warn`, `info`, `debug` or `trace` (`RUST_LOG` wins when set).
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// Secrets: `Debug` prints `[REDACTED]`, and nothing serializes them.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    pub openai_api_key: Option<SecretString>,
+    pub twilio_auth_token: Option<SecretString>,
+    /// When set, `/calls` requires `Authorization: Bearer <token>`.
+    pub admin_token: Option<SecretString>,
+}
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// `--config` named a file that is not there.
+    #[error("settings file {0} not found")]
+    FileNotFound(PathBuf),
+    /// The file or an environment override could not be read into the settings.
+    #[error("cannot read settings: {0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+impl Settings {
+    /// Reads `path` (or `settings.toml` if present), the environment overrides and the secrets.
+    pub fn load(path: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_from(path, |name| std::env::var(name).ok())
+    }
+
+    /// `load` with the secrets read through `env` (tests pass a map).
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, SettingsError> {
+        let file = match path {
+            Some(p) if !p.exists() => return Err(SettingsError::FileNotFound(p.to_path_buf())),
+            Some(p) => config::File::from(p).required(true),
+            None => config::File::with_name(DEFAULT_FILE).required(false),
+        };
+        let raw = config::Config::builder()
+            .add_source(file.format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .map_err(|e| SettingsError::Parse(e.to_string()))?;
+        let mut settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| SettingsError::Parse(e.to_string()))?;
+        let secret = |name: &str| {
+            env(name)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| SecretString::from(v.trim().to_string()))
+        };
+        settings.secrets = Secrets {
+            openai_api_key: secret("OPENAI_API_KEY"),
+            twilio_auth_token: secret("TWILIO_AUTH_TOKEN"),
+            admin_token: secret("CALLBRIDGE_ADMIN_TOKEN"),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the values no type can: every section's ranges and formats.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.host.trim().is_empty() {
+            return Err(ConfigError::new("server.host", "must not be empty"));
+        }
+        let public = self.server.public_url.trim();
+        if !public.is_empty() {
+            let ok_scheme = ["https://", "http://", "wss://", "ws://"]
+                .iter()
+                .any(|s| public.starts_with(s));
+            if !ok_scheme || public.contains('?') || public.len() < 10 {
+                return Err(ConfigError::new(
+                    "server.public_url",
+                    format!(
+                        "must be a base URL like https://bridge.example.com (no query), got {public:?}"
+                    ),
+                ));
+            }
+        }
+        if self.server.workers > 256 {
+            return Err(ConfigError::new(
+                "server.workers",
+                "must be at most 256 (0 = one per CPU core)",
+            ));
+        }
+        if !matches!(
+            self.log.level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace" | "off"
+        ) {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "must be one of error, warn, info, debug, trace, off; got {:?}",
+                    self.log.level
+                ),
+            ));
+        }
+        self.openai.validate()?;
+        self.call.validate()?;
+        self.resolve_upstream().map(|_| ())
+    }
+
+    /// What `upstream` means given the key: `auto` falls back to echo without one.
+    pub fn resolve_upstream(&self) -> Result<UpstreamKind, ConfigError> {
+        match (self.upstream, self.secrets.openai_api_key.is_some()) {
+            (UpstreamMode::Echo, _) => Ok(UpstreamKind::Echo),
+            (UpstreamMode::OpenAi, true) | (UpstreamMode::Auto, true) => Ok(UpstreamKind::OpenAi),
+            (UpstreamMode::Auto, false) => Ok(UpstreamKind::Echo),
+            (UpstreamMode::OpenAi, false) => Err(ConfigError::new(
+                "upstream",
+                "is \"openai\" but OPENAI_API_KEY is not set (set it, or use \"auto\" or \"echo\")",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_start_in_echo_mode_without_a_key() {
+        let s = Settings::default();
+        assert_eq!(s.resolve_upstream().unwrap(), UpstreamKind::Echo);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn auto_uses_openai_when_the_key_is_set_and_openai_mode_requires_it() {
+        let mut s = Settings::default();
+        s.secrets.openai_api_key = Some(SecretString::from("sk-test"));
+        assert_eq!(s.resolve_upstream().unwrap(), UpstreamKind::OpenAi);
+        s.secrets.openai_api_key = None;
+        s.upstream = UpstreamMode::OpenAi;
+        let err = s.resolve_upstream().unwrap_err();
+        assert_eq!(err.key, "upstream");
+        assert!(err.to_string().contains("OPENAI_API_KEY"));
+    }
+
+    #[test]
+    fn the_shipped_settings_file_loads_and_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("settings.toml");
+        let s = Settings::load_from(Some(&path), no_env).unwrap();
+        let d = Settings::default();
+        assert_eq!(s.openai, d.openai);
+        assert_eq!(s.call, d.call);
+        assert_eq!(s.server.port, d.server.port);
+        assert_eq!(s.server.host, d.server.host);
+        assert_eq!(s.upstream, d.upstream);
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_never_print() {
+        let env: HashMap<&str, &str> = [
+            ("OPENAI_API_KEY", "sk-supersecret-123"),
+            ("TWILIO_AUTH_TOKEN", "twilio-secret-456"),
+        ]
+        .into();
+        let s = Settings::load_from(None, |k| env.get(k).map(|v| v.to_string())).unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("sk-supersecret-123"), "{printed}");
+        assert!(!printed.contains("twilio-secret-456"), "{printed}");
+        assert!(s.secrets.twilio_auth_token.is_some());
+    }
+
+    fn load_toml(body: &str) -> Result<Settings, SettingsError> {
+        let dir = std::env::temp_dir().join(format!(
+            "callbridge-settings-{}-{}",
+            std::process::id(),
+            body.len()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.toml");
+        std::fs::write(&path, body).unwrap();
+        Settings::load_from(Some(&path), no_env)
+    }
+
+    #[test]
+    fn bad_settings_name_the_key() {
+        let err = load_toml("[server]\nport = \"eighty\"\n").unwrap_err();
+        assert!(err.to_string().contains("port"), "{err}");
+        let err = load_toml("[openai]\nvad_threshold = 3.0\n").unwrap_err();
+        assert!(err.to_string().contains("openai.vad_threshold"), "{err}");
+        let err = load_toml("upstream = \"gemini\"\n").unwrap_err();
+        assert!(err.to_string().contains("gemini"), "{err}");
+        let err = load_toml("[openai]\ntemprature = 1\n").unwrap_err();
+        assert!(err.to_string().contains("temprature"), "{err}");
+        let err = load_toml("[server]\npublic_url = \"bridge.example.com\"\n").unwrap_err();
+        assert!(err.to_string().contains("server.public_url"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error() {
+        let err = Settings::load_from(Some(Path::new("/nonexistent/cb.toml")), no_env).unwrap_err();
+        assert!(matches!(err, SettingsError::FileNotFound(_)));
+    }
+}
