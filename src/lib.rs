@@ -28,6 +28,9 @@ impl Application {
     /// an actor on the current arbiter; calls run on the HTTP workers' arbiters).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         settings.validate().context("invalid settings")?;
+        // One TLS crypto provider per process, before any awc client exists: awc chooses none
+        // and panics at the first connection without one. A second install is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let upstream = settings.resolve_upstream()?;
         let registry = CallRegistry::default().start();
         let engine = Engine::new(

@@ -33,8 +33,6 @@ fn main() -> anyhow::Result<()> {
     )
     .format_timestamp_millis()
     .init();
-    // One TLS crypto provider for the process, before any client exists (awc picks none itself).
-    let _ = rustls::crypto::ring::default_provider().install_default();
 
     actix_web::rt::System::new().block_on(async move {
         let host = settings.server.host.clone();

@@ -84,7 +84,12 @@ async fn voice(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/voice");
-    check_signature(&req, &state, &http_url(&req, &state, path_and_query), &params)?;
+    check_signature(
+        &req,
+        &state,
+        &http_url(&req, &state, path_and_query),
+        &params,
+    )?;
 
     let param = |name: &str| {
         params

@@ -36,6 +36,10 @@ use crate::twilio_stream::TwilioStreamActor;
 /// and then fails every session cannot keep a call in a restart loop.
 const STABLE_LEG: Duration = Duration::from_secs(30);
 
+/// After a barge-in, time for the server to cancel the interrupted response itself (it does so
+/// right after `speech_started` when `interrupt_response` is on) before we send `response.cancel`.
+const CANCEL_GRACE_MS: u64 = 250;
+
 /// The transcript entries replayed into a new session after a restart (the most recent ones).
 const REPLAY_ENTRIES: usize = 50;
 
@@ -96,6 +100,7 @@ impl CallActor {
             greeting: Some(engine.openai_config().greeting.clone()).filter(|g| !g.is_empty()),
             dtmf_response_delay_ms: call_cfg.dtmf_response_delay_ms,
             track_playback: engine.upstream() == UpstreamKind::OpenAi,
+            cancel_grace_ms: CANCEL_GRACE_MS,
         });
         Self {
             instance,
@@ -175,10 +180,18 @@ impl CallActor {
                     act.apply(Event::DtmfQuiet { generation }, ctx)
                 });
             }
+            Action::ScheduleCancelCheck {
+                response_id,
+                delay_ms,
+            } => {
+                ctx.run_later(Duration::from_millis(delay_ms), move |act, ctx| {
+                    act.apply(Event::CancelCheck { response_id }, ctx)
+                });
+            }
             Action::BargedIn {
                 cleared,
                 truncated_ms,
-                cancelled,
+                interrupted_response,
             } => {
                 let truncated = match truncated_ms {
                     Some(ms) => format!("assistant item cut at {ms} ms"),
@@ -193,8 +206,8 @@ impl CallActor {
                     } else {
                         "nothing queued"
                     },
-                    if cancelled {
-                        ", response cancelled"
+                    if interrupted_response {
+                        ", response interrupted"
                     } else {
                         ""
                     },

@@ -34,6 +34,8 @@ pub struct SessionConfig {
     pub dtmf_response_delay_ms: u64,
     /// Whether to follow each chunk with a mark; only needed where barge-in can truncate.
     pub track_playback: bool,
+    /// After a barge-in, how long to let the server cancel the response itself before we do.
+    pub cancel_grace_ms: u64,
 }
 
 /// Something that happened to the call.
@@ -77,6 +79,10 @@ pub enum Event {
     DtmfQuiet {
         generation: u64,
     },
+    /// The grace period after a barge-in ended: cancel this response if it is still in flight.
+    CancelCheck {
+        response_id: String,
+    },
 }
 
 /// What the actor must do, in order.
@@ -101,11 +107,14 @@ pub enum Action {
     UpstreamTruncate { item_id: String, audio_end_ms: u64 },
     /// Send `DtmfQuiet { generation }` after `delay_ms`.
     ScheduleDtmfQuiet { generation: u64, delay_ms: u64 },
+    /// Send `CancelCheck { response_id }` after `delay_ms`.
+    ScheduleCancelCheck { response_id: String, delay_ms: u64 },
     /// A barge-in happened (for the log and the counters' readers).
     BargedIn {
         cleared: bool,
         truncated_ms: Option<u64>,
-        cancelled: bool,
+        /// A response was in flight (it is cancelled, by the server or by us).
+        interrupted_response: bool,
     },
 }
 
@@ -296,6 +305,13 @@ impl CallSession {
                     });
                 }
             }
+            Event::CancelCheck { response_id } => {
+                // Still in flight after the grace period: the server did not cancel it.
+                if self.in_flight.as_deref() == Some(response_id.as_str()) {
+                    self.in_flight = None;
+                    out.push(Action::UpstreamCancel { response_id });
+                }
+            }
             Event::DtmfQuiet { generation } => {
                 if generation != self.dtmf_generation {
                     return; // another digit came since: its own timer will fire
@@ -450,19 +466,26 @@ impl CallSession {
                 self.interrupted = Some(playing.response_id);
             }
         }
-        let mut cancelled = false;
-        if let Some(response_id) = self.in_flight.take() {
-            // The late deltas of the cancelled response must not reach the caller.
+        let mut interrupted_response = false;
+        if let Some(response_id) = self.in_flight.clone() {
+            // The late deltas of the interrupted response must not reach the caller.
             self.interrupted = Some(Arc::from(response_id.as_str()));
-            out.push(Action::UpstreamCancel { response_id });
-            cancelled = true;
+            interrupted_response = true;
+            // With `interrupt_response` the server cancels the response itself right after
+            // `speech_started`; a `response.cancel` of ours would then fail with
+            // `response_cancel_not_active`. Cancel only if it is still in flight after a grace
+            // period (its late deltas are dropped meanwhile either way).
+            out.push(Action::ScheduleCancelCheck {
+                response_id,
+                delay_ms: self.cfg.cancel_grace_ms,
+            });
         }
-        if cleared || cancelled || truncated_ms.is_some() {
+        if cleared || interrupted_response || truncated_ms.is_some() {
             self.stats.barge_ins += 1;
             out.push(Action::BargedIn {
                 cleared,
                 truncated_ms,
-                cancelled,
+                interrupted_response,
             });
         }
     }
@@ -496,6 +519,7 @@ mod tests {
             greeting: Some("Say hello.".into()),
             dtmf_response_delay_ms: 500,
             track_playback: true,
+            cancel_grace_ms: 150,
         }
     }
 
@@ -624,17 +648,30 @@ mod tests {
                     item_id: "i1".into(),
                     audio_end_ms: 100
                 },
-                Action::UpstreamCancel {
-                    response_id: "r1".into()
+                Action::ScheduleCancelCheck {
+                    response_id: "r1".into(),
+                    delay_ms: 150
                 },
                 Action::BargedIn {
                     cleared: true,
                     truncated_ms: Some(100),
-                    cancelled: true
+                    interrupted_response: true
                 },
             ]
         );
         assert_eq!(s.stats.barge_ins, 1);
+        // The server did not cancel it within the grace period: we do.
+        assert_eq!(
+            run(
+                &mut s,
+                Event::CancelCheck {
+                    response_id: "r1".into()
+                }
+            ),
+            vec![Action::UpstreamCancel {
+                response_id: "r1".into()
+            }]
+        );
         // The marks Twilio echoes because of the clear are not playback.
         run(
             &mut s,
@@ -693,10 +730,40 @@ mod tests {
                 Action::BargedIn {
                     cleared: true,
                     truncated_ms: Some(0),
-                    cancelled: false
+                    interrupted_response: false
                 },
             ]
         );
+    }
+
+    #[test]
+    fn no_cancel_when_the_server_cancelled_within_the_grace_period() {
+        let mut s = started_and_ready();
+        run(
+            &mut s,
+            Event::ResponseCreated {
+                response_id: "r1".into(),
+            },
+        );
+        run(&mut s, delta("r1", "i1", 800));
+        let out = run(&mut s, Event::SpeechStarted);
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::ScheduleCancelCheck { .. })));
+        // `interrupt_response`: the server's own cancel arrives first.
+        run(
+            &mut s,
+            Event::ResponseDone {
+                response_id: "r1".into(),
+            },
+        );
+        assert!(run(
+            &mut s,
+            Event::CancelCheck {
+                response_id: "r1".into()
+            }
+        )
+        .is_empty());
     }
 
     #[test]
@@ -814,7 +881,7 @@ mod tests {
                 Action::BargedIn {
                     cleared: true,
                     truncated_ms: None,
-                    cancelled: false
+                    interrupted_response: false
                 }
             ]
         );
