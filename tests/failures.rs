@@ -1,0 +1,255 @@
+//! End-to-end: how calls end and how they survive bad input and a failing OpenAI connection.
+
+mod support;
+
+use std::time::Duration;
+
+use actix_web::rt::time::sleep;
+use support::{openai_settings, spawn_app, test_settings, tone_frames, FakeOpenAi, FakeTwilio};
+
+/// The caller hangs up (Twilio `stop`, then close): the OpenAI socket is closed and the call
+/// leaves the registry.
+#[actix_web::test]
+async fn hang_up_with_stop_closes_openai_and_empties_the_registry() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ1", "CA1", &[]).await;
+    session.recv_event("session.update").await;
+    app.wait_call_count(1).await;
+
+    caller.hang_up().await;
+    assert!(session.wait_closed().await, "OpenAI socket closed");
+    app.wait_call_count(0).await;
+    let (status, _) = app.get_json("/calls/CA1").await;
+    assert_eq!(status, 404);
+    fake.assert_no_violations();
+}
+
+/// The Twilio socket closes without `stop` (network loss): same clean end.
+#[actix_web::test]
+async fn socket_closed_without_stop_closes_openai_and_empties_the_registry() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ2", "CA2", &[]).await;
+    session.recv_event("session.update").await;
+    app.wait_call_count(1).await;
+
+    caller.close().await;
+    assert!(session.wait_closed().await, "OpenAI socket closed");
+    app.wait_call_count(0).await;
+    fake.assert_no_violations();
+}
+
+/// A socket that connects and never sends `start` still gets its OpenAI leg closed on hang-up.
+#[actix_web::test]
+async fn hang_up_before_start_closes_openai() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    caller.send_connected().await;
+    let session = fake.next_session().await;
+    caller.close().await;
+    assert!(session.wait_closed().await, "OpenAI socket closed");
+    app.wait_call_count(0).await;
+}
+
+/// Malformed Twilio input (non-JSON, binary, unknown event, missing fields, bad base64, media
+/// before start) is counted and skipped; the call goes on and audio still flows.
+#[actix_web::test]
+async fn malformed_twilio_input_is_counted_and_the_call_goes_on() {
+    let app = spawn_app(test_settings()).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    caller.send_connected().await;
+    caller.send_media(&[0xFF; 160]).await; // media before start
+    caller.send_start("MZ3", "CA3", &[]).await;
+    caller.send_text_raw("this is not json").await;
+    caller.send_binary(&[1, 2, 3]).await;
+    caller
+        .send_text_raw(r#"{"event":"hello","sequenceNumber":"3","streamSid":"MZ3"}"#)
+        .await;
+    caller
+        .send_text_raw(r#"{"event":"media","sequenceNumber":"4","streamSid":"MZ3","media":{"track":"inbound","chunk":"1","timestamp":"0"}}"#)
+        .await;
+    caller
+        .send_text_raw(r#"{"event":"media","sequenceNumber":"5","streamSid":"MZ3","media":{"track":"inbound","chunk":"2","timestamp":"20","payload":"not base64!"}}"#)
+        .await;
+    caller
+        .send_text_raw(r#"{"event":"dtmf","sequenceNumber":"6","streamSid":"MZ3","dtmf":{"track":"inbound_track"}}"#)
+        .await;
+
+    let frames = tone_frames(10);
+    for frame in &frames {
+        caller.send_media(frame).await;
+    }
+    let expected = frames.concat();
+    assert_eq!(caller.recv_audio_bytes(expected.len()).await, expected);
+    let call = app
+        .wait_call("CA3", "malformed frames counted", |c| {
+            c["malformed_frames"] == 7
+        })
+        .await;
+    assert_eq!(call["state"], "active");
+    assert_eq!(call["frames_in"], 10);
+    assert!(!caller.is_closed());
+    caller.assert_no_violations();
+}
+
+/// The OpenAI socket drops mid-call: the leg restarts, `session.update` is sent again, the
+/// transcript is replayed as context, audio flows again both ways, and the restart is counted.
+/// The caller never notices.
+#[actix_web::test]
+async fn openai_drop_mid_call_restarts_the_leg_and_audio_flows_again() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut first = fake.next_session().await;
+    caller.start_call("MZ4", "CA4", &[]).await;
+    first.recv_event("session.update").await;
+
+    let frames = tone_frames(20);
+    for frame in &frames[..10] {
+        caller.send_media(frame).await;
+    }
+    first.wait_appended_bytes(1600).await;
+    first.caller_transcript("item_u1", "My account number is 42");
+    app.wait_call("CA4", "transcript recorded", |c| {
+        c["transcript"].as_array().is_some_and(|t| t.len() == 1)
+    })
+    .await;
+
+    first.drop_connection();
+    let mut second = fake.next_session().await;
+    let update = second.recv_event("session.update").await;
+    assert_eq!(update["session"]["type"], "realtime");
+    let replay = second.recv_event("conversation.item.create").await;
+    assert_eq!(replay["item"]["role"], "user");
+    assert_eq!(
+        replay["item"]["content"][0]["text"],
+        "My account number is 42"
+    );
+
+    for frame in &frames[10..] {
+        caller.send_media(frame).await;
+    }
+    assert_eq!(
+        second.wait_appended_bytes(1600).await,
+        frames[10..].concat()
+    );
+    second.start_response("resp_2", "item_2");
+    second.audio_delta_bytes("resp_2", "item_2", &[9; 320]);
+    assert_eq!(caller.recv_audio_bytes(320).await, vec![9; 320]);
+
+    let call = app
+        .wait_call("CA4", "restart counted", |c| c["upstream_restarts"] == 1)
+        .await;
+    assert_eq!(call["state"], "active");
+    assert_eq!(call["upstream_state"], "ready");
+    assert!(!caller.is_closed());
+    caller.assert_no_violations();
+    fake.assert_no_violations();
+}
+
+/// Caller audio sent while the OpenAI leg restarts is held and delivered to the new session.
+#[actix_web::test]
+async fn caller_audio_during_a_restart_reaches_the_new_session() {
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.openai.restart_backoff_ms = 300;
+    settings.openai.restart_backoff_max_ms = 300;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut first = fake.next_session().await;
+    caller.start_call("MZ5", "CA5", &[]).await;
+    first.recv_event("session.update").await;
+    first.drop_connection();
+    app.wait_call("CA5", "restarting", |c| c["state"] == "reconnecting")
+        .await;
+
+    let frames = tone_frames(5);
+    for frame in &frames {
+        caller.send_media(frame).await;
+    }
+    let mut second = fake.next_session().await;
+    second.recv_event("session.update").await;
+    assert_eq!(second.wait_appended_bytes(800).await, frames.concat());
+    caller.assert_no_violations();
+    fake.assert_no_violations();
+}
+
+/// When OpenAI cannot be reached again, the call ends cleanly once the restart budget is spent:
+/// the Twilio socket is closed and the call leaves the registry.
+#[actix_web::test]
+async fn restart_budget_spent_ends_the_call() {
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.openai.max_restarts = 2;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut first = fake.next_session().await;
+    caller.start_call("MZ6", "CA6", &[]).await;
+    first.recv_event("session.update").await;
+    app.wait_call_count(1).await;
+
+    fake.set_refuse_connections(true);
+    first.drop_connection();
+    assert!(
+        caller.wait_closed().await,
+        "the service closed the Twilio socket"
+    );
+    app.wait_call_count(0).await;
+    assert_eq!(fake.session_count(), 1, "no session after the first");
+    fake.assert_no_violations();
+}
+
+/// A recoverable OpenAI `error` event is logged and counted; the call goes on.
+#[actix_web::test]
+async fn recoverable_openai_errors_do_not_end_the_call() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ7", "CA7", &[]).await;
+    session.recv_event("session.update").await;
+
+    session.error_event(
+        "input_audio_buffer_commit_empty",
+        "Error committing input audio buffer: buffer too small.",
+    );
+    let frames = tone_frames(3);
+    for frame in &frames {
+        caller.send_media(frame).await;
+    }
+    assert_eq!(session.wait_appended_bytes(480).await, frames.concat());
+    let call = app
+        .wait_call("CA7", "error counted", |c| c["upstream_errors"] == 1)
+        .await;
+    assert_eq!(call["upstream_restarts"], 0);
+    assert_eq!(call["state"], "active");
+    sleep(Duration::from_millis(50)).await;
+    assert!(!caller.is_closed());
+    fake.assert_no_violations();
+}
+
+/// The 60-minute cap (`session_expired`, close 1001) is a failure of the leg like any other:
+/// a new session is opened and the call goes on.
+#[actix_web::test]
+async fn session_expiry_opens_a_new_session() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut first = fake.next_session().await;
+    caller.start_call("MZ8", "CA8", &[]).await;
+    first.recv_event("session.update").await;
+    first.session_expired();
+    let mut second = fake.next_session().await;
+    second.recv_event("session.update").await;
+    app.wait_call("CA8", "restart counted", |c| {
+        c["upstream_restarts"] == 1 && c["state"] == "active"
+    })
+    .await;
+    fake.assert_no_violations();
+}

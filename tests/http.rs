@@ -1,0 +1,150 @@
+//! End-to-end: the HTTP surface — the voice webhook's TwiML, Twilio signatures, and inspection.
+
+mod support;
+
+use std::time::Duration;
+
+use callbridge_actors::protocol::signature;
+use secrecy::SecretString;
+use support::{spawn_app, test_settings, FakeTwilio};
+
+async fn post_voice(
+    url: &str,
+    form: &[(&str, &str)],
+    signature: Option<&str>,
+) -> (u16, String, String) {
+    let mut req = awc::Client::default()
+        .post(url)
+        .timeout(Duration::from_secs(5));
+    if let Some(sig) = signature {
+        req = req.insert_header(("X-Twilio-Signature", sig));
+    }
+    let mut res = req.send_form(&form).await.expect("POST answered");
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = res.body().await.expect("a body");
+    (
+        res.status().as_u16(),
+        content_type,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+const FORM: &[(&str, &str)] = &[
+    ("CallSid", "CA9f00"),
+    ("AccountSid", "AC123"),
+    ("From", "+14155550100 <&\"'>"),
+    ("To", "+18005551212"),
+];
+
+/// The voice webhook answers `<Connect><Stream>` to our websocket on the request's host, with
+/// From, To and CallSid as XML-escaped parameters and no `track` attribute.
+#[actix_web::test]
+async fn voice_webhook_answers_connect_stream_twiml() {
+    let app = spawn_app(test_settings()).await;
+    let (status, content_type, body) = post_voice(&app.http("/voice"), FORM, None).await;
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("text/xml"), "{content_type}");
+    let expected = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect>\
+         <Stream url=\"wss://127.0.0.1:{}/media-stream\">\
+         <Parameter name=\"From\" value=\"+14155550100 &lt;&amp;&quot;&apos;&gt;\"/>\
+         <Parameter name=\"To\" value=\"+18005551212\"/>\
+         <Parameter name=\"CallSid\" value=\"CA9f00\"/>\
+         </Stream></Connect></Response>",
+        app.port
+    );
+    assert_eq!(body, expected);
+    assert!(!body.contains("track"));
+}
+
+/// With `server.public_url`, the stream URL is its `wss://` form.
+#[actix_web::test]
+async fn voice_webhook_uses_the_public_url() {
+    let mut settings = test_settings();
+    settings.server.public_url = "https://bridge.example.com/".into();
+    let app = spawn_app(settings).await;
+    let (status, _, body) = post_voice(&app.http("/voice"), FORM, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("<Stream url=\"wss://bridge.example.com/media-stream\">"),
+        "{body}"
+    );
+}
+
+/// With `TWILIO_AUTH_TOKEN` set, `/voice` and the websocket upgrade need a valid
+/// `X-Twilio-Signature` over the public URL (the `wss://` form for the upgrade); 403 otherwise.
+#[actix_web::test]
+async fn twilio_signatures_are_checked_when_a_token_is_set() {
+    let token = "12345-test-auth-token";
+    let mut settings = test_settings();
+    settings.server.public_url = "https://bridge.example.com".into();
+    settings.secrets.twilio_auth_token = Some(SecretString::from(token));
+    let app = spawn_app(settings).await;
+
+    let (status, _, body) = post_voice(&app.http("/voice"), FORM, None).await;
+    assert_eq!(status, 403);
+    assert!(!body.contains(token));
+    let (status, _, _) = post_voice(&app.http("/voice"), FORM, Some("bm9wZQ==")).await;
+    assert_eq!(status, 403);
+    let params: Vec<(String, String)> = FORM
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let good = signature::compute(token, "https://bridge.example.com/voice", &params);
+    let (status, _, body) = post_voice(&app.http("/voice"), FORM, Some(&good)).await;
+    assert_eq!(status, 200, "{body}");
+
+    assert_eq!(
+        FakeTwilio::connect_expect_status(&app.ws_url(), &[]).await,
+        403
+    );
+    let ws_sig = signature::compute(token, "wss://bridge.example.com/media-stream", &[]);
+    let caller =
+        FakeTwilio::connect_with_headers(&app.ws_url(), &[("X-Twilio-Signature", &ws_sig)]).await;
+    caller.start_call("MZ1", "CA1", &[]).await;
+    caller.send_media(&[0x10; 160]).await;
+    assert_eq!(caller.recv_audio_bytes(160).await, vec![0x10; 160]);
+    caller.assert_no_violations();
+}
+
+/// `/calls/{sid}` of an unknown call and unknown paths are JSON 404s.
+#[actix_web::test]
+async fn unknown_calls_and_paths_are_json_404s() {
+    let app = spawn_app(test_settings()).await;
+    let (status, body) = app.get_json("/calls/CAnope").await;
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().unwrap().contains("CAnope"));
+    let (status, body) = app.get_json("/nope").await;
+    assert_eq!(status, 404);
+    assert!(body["error"].is_string());
+    let (status, body) = app.get_json("/calls").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["count"], 0);
+    assert_eq!(body["calls"], serde_json::json!([]));
+}
+
+/// With `CALLBRIDGE_ADMIN_TOKEN` set, `/calls` needs the bearer token; `/health` stays open.
+#[actix_web::test]
+async fn calls_require_the_admin_token_when_one_is_set() {
+    let mut settings = test_settings();
+    settings.secrets.admin_token = Some(SecretString::from("admin-secret-token"));
+    let app = spawn_app(settings).await;
+    let (status, body) = app.get_json("/calls").await;
+    assert_eq!(status, 401);
+    assert!(!body.to_string().contains("admin-secret-token"));
+    let (status, _) = app
+        .get_json_with("/calls", &[("Authorization", "Bearer wrong")])
+        .await;
+    assert_eq!(status, 401);
+    let (status, body) = app
+        .get_json_with("/calls", &[("Authorization", "Bearer admin-secret-token")])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = app.get_json("/health").await;
+    assert_eq!(status, 200);
+}
