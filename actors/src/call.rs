@@ -463,9 +463,10 @@ impl Handler<StreamStarted> for CallActor {
         self.to = param("To");
         self.call_sid = start.call_sid.clone();
         self.stream_sid = start.stream_sid.clone();
-        self.label = Arc::from(format!("[{}]", start.call_sid));
+        let earlier =
+            std::mem::replace(&mut self.label, Arc::from(format!("[{}]", start.call_sid)));
         log::info!(
-            "{} stream started: stream {}, from {}, to {}, upstream {}",
+            "{} stream started (was {earlier} until now): stream {}, from {}, to {}, upstream {}",
             self.label,
             self.stream_sid,
             self.redact_number(&self.from),

@@ -260,13 +260,21 @@ impl CallSession {
                 for text in self.held_text.drain(..) {
                     out.push(Action::UpstreamUserText { text });
                 }
+                let mut asked = false;
                 if !self.greeted {
                     self.greeted = true;
                     if let Some(greeting) = &self.cfg.greeting {
                         out.push(Action::UpstreamCreateResponse {
                             instructions: Some(greeting.clone()),
                         });
+                        asked = true;
                     }
+                }
+                // Digits pressed while the leg was away still get their answer; after the
+                // greeting if there is one (one response at a time), else now.
+                if self.response_wanted && !asked {
+                    self.response_wanted = false;
+                    out.push(Action::UpstreamCreateResponse { instructions: None });
                 }
             }
             Event::UpstreamLost => {
@@ -275,7 +283,6 @@ impl CallSession {
                 // them can be cancelled or truncated. Audio already queued at Twilio still plays,
                 // so the marks stay, and a barge-in can still clear it.
                 self.in_flight = None;
-                self.response_wanted = false;
                 self.playing = None;
                 self.interrupted = None;
             }
@@ -857,6 +864,22 @@ mod tests {
                 }
             ),
             vec![Action::UpstreamCreateResponse { instructions: None }]
+        );
+    }
+
+    #[test]
+    fn dtmf_pressed_while_the_upstream_is_away_is_answered_when_it_is_back() {
+        let mut s = started_and_ready();
+        run(&mut s, Event::UpstreamLost);
+        assert!(run(&mut s, Event::Dtmf { digit: "9".into() })
+            .iter()
+            .all(|a| !matches!(a, Action::UpstreamUserText { .. })));
+        assert!(run(&mut s, Event::DtmfQuiet { generation: 1 }).is_empty());
+        let out = run(&mut s, Event::UpstreamReady);
+        assert!(matches!(&out[0], Action::UpstreamUserText { text } if text.contains('9')));
+        assert_eq!(
+            out[1],
+            Action::UpstreamCreateResponse { instructions: None }
         );
     }
 
