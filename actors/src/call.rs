@@ -68,6 +68,10 @@ pub struct CallActor {
     session: CallSession,
     /// Reused for every event, so the audio path allocates no action vector.
     actions: Vec<Action>,
+    /// Frames actually handed to each leg, for the log lines (the session's counters run ahead
+    /// of these while a batch of held audio is being flushed).
+    performed_in: u64,
+    performed_out: u64,
 
     leg: Option<UpstreamLeg>,
     /// Number of the current (or next) leg; reports from older legs are ignored.
@@ -108,6 +112,8 @@ impl CallActor {
             label: Arc::from(format!("[conn-{instance}]")),
             session,
             actions: Vec::with_capacity(8),
+            performed_in: 0,
+            performed_out: 0,
             leg: None,
             leg_no: 0,
             leg_state: LegState::Connecting,
@@ -142,21 +148,23 @@ impl CallActor {
     fn perform(&mut self, action: Action, ctx: &mut Context<Self>) {
         match action {
             Action::TwilioMedia { payload, mark } => {
-                if self.session.stats.frames_out == 1 {
+                self.twilio.do_send(PlayAudio { payload, mark });
+                self.performed_out += 1;
+                if self.performed_out == 1 {
                     log::info!("{} first audio frame to the caller", self.label);
                 }
-                self.twilio.do_send(PlayAudio { payload, mark });
-                self.log_frame_counts(self.session.stats.frames_out);
+                self.log_frame_counts(self.performed_out);
             }
             Action::TwilioClear => self.twilio.do_send(ClearAudio),
             Action::UpstreamAudio { payload, bytes } => {
                 if let Some(leg) = &self.leg {
                     leg.audio.do_send(AudioIn { payload, bytes });
                 }
-                if self.session.stats.frames_in == 1 {
+                self.performed_in += 1;
+                if self.performed_in == 1 {
                     log::info!("{} first audio frame from the caller", self.label);
                 }
-                self.log_frame_counts(self.session.stats.frames_in);
+                self.log_frame_counts(self.performed_in);
             }
             Action::UpstreamUserText { text } => self.control(UpstreamCommand::UserText(text)),
             Action::UpstreamCreateResponse { instructions } => {

@@ -235,6 +235,10 @@ impl Actor for OpenAiRealtimeActor {
                     let update = proto::session_update(&act.config);
                     act.send(update);
                 }
+                Err(awc::error::WsClientError::InvalidResponseStatus(status)) => act.fail(
+                    ctx,
+                    format!("connect to OpenAI failed: HTTP {status} instead of 101 (401: check OPENAI_API_KEY)"),
+                ),
                 Err(e) => act.fail(ctx, format!("connect to OpenAI failed: {e}")),
             })
             .spawn(ctx);
