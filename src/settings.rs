@@ -3,6 +3,7 @@
 //! `CALLBRIDGE_ADMIN_TOKEN`). Every key has a built-in default, so the service starts with no file
 //! and no keys. A bad value stops start-up with a message that names the key.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use callbridge_actors::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};
@@ -133,13 +134,13 @@ pub enum SettingsError {
 impl Settings {
     /// Reads `path` (or `settings.toml` if present), the environment overrides and the secrets.
     pub fn load(path: Option<&Path>) -> Result<Self, SettingsError> {
-        Self::load_from(path, |name| std::env::var(name).ok())
+        Self::load_from(path, std::env::vars().collect())
     }
 
-    /// `load` with the secrets read through `env` (tests pass a map).
+    /// `load` with the environment given as a map (tests pass their own).
     pub fn load_from(
         path: Option<&Path>,
-        env: impl Fn(&str) -> Option<String>,
+        env: HashMap<String, String>,
     ) -> Result<Self, SettingsError> {
         let file = match path {
             Some(p) if !p.exists() => return Err(SettingsError::FileNotFound(p.to_path_buf())),
@@ -152,7 +153,8 @@ impl Settings {
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(env.clone().into_iter().collect())),
             )
             .build()
             .map_err(|e| SettingsError::Parse(e.to_string()))?;
@@ -160,7 +162,8 @@ impl Settings {
             .try_deserialize()
             .map_err(|e| SettingsError::Parse(e.to_string()))?;
         let secret = |name: &str| {
-            env(name)
+            env.get(name)
+                .cloned()
                 .filter(|v| !v.trim().is_empty())
                 .map(|v| SecretString::from(v.trim().to_string()))
         };
@@ -232,10 +235,16 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    fn no_env(_: &str) -> Option<String> {
-        None
+    fn no_env() -> HashMap<String, String> {
+        HashMap::new()
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -260,7 +269,7 @@ mod tests {
     #[test]
     fn the_shipped_settings_file_loads_and_matches_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("settings.toml");
-        let s = Settings::load_from(Some(&path), no_env).unwrap();
+        let s = Settings::load_from(Some(&path), no_env()).unwrap();
         let d = Settings::default();
         assert_eq!(s.openai, d.openai);
         assert_eq!(s.call, d.call);
@@ -271,12 +280,11 @@ mod tests {
 
     #[test]
     fn secrets_come_from_the_environment_and_never_print() {
-        let env: HashMap<&str, &str> = [
+        let vars = env(&[
             ("OPENAI_API_KEY", "sk-supersecret-123"),
             ("TWILIO_AUTH_TOKEN", "twilio-secret-456"),
-        ]
-        .into();
-        let s = Settings::load_from(None, |k| env.get(k).map(|v| v.to_string())).unwrap();
+        ]);
+        let s = Settings::load_from(None, vars).unwrap();
         let printed = format!("{s:?}");
         assert!(!printed.contains("sk-supersecret-123"), "{printed}");
         assert!(!printed.contains("twilio-secret-456"), "{printed}");
@@ -292,7 +300,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s.toml");
         std::fs::write(&path, body).unwrap();
-        Settings::load_from(Some(&path), no_env)
+        Settings::load_from(Some(&path), no_env())
     }
 
     #[test]
@@ -310,8 +318,36 @@ mod tests {
     }
 
     #[test]
+    fn environment_overrides_any_key_over_the_file() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("settings.toml");
+        let vars = env(&[
+            ("CALLBRIDGE__SERVER__PORT", "9000"),
+            ("CALLBRIDGE__OPENAI__URL", "ws://127.0.0.1:9100/v1/realtime"),
+            ("CALLBRIDGE__OPENAI__MAX_RESTARTS", "7"),
+            ("CALLBRIDGE__UPSTREAM", "echo"),
+            ("CALLBRIDGE__CALL__LOG_TRANSCRIPTS", "false"),
+        ]);
+        let s = Settings::load_from(Some(&path), vars).unwrap();
+        assert_eq!(s.server.port, 9000);
+        assert_eq!(s.openai.url, "ws://127.0.0.1:9100/v1/realtime");
+        assert_eq!(s.openai.max_restarts, 7);
+        assert_eq!(s.upstream, UpstreamMode::Echo);
+        assert!(!s.call.log_transcripts);
+        // Untouched keys keep the file's values.
+        assert_eq!(s.openai.model, "gpt-realtime");
+
+        let err = Settings::load_from(
+            Some(&path),
+            env(&[("CALLBRIDGE__SERVER__PORT", "not-a-port")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("server.port"), "{err}");
+    }
+
+    #[test]
     fn a_missing_explicit_file_is_an_error() {
-        let err = Settings::load_from(Some(Path::new("/nonexistent/cb.toml")), no_env).unwrap_err();
+        let err =
+            Settings::load_from(Some(Path::new("/nonexistent/cb.toml")), no_env()).unwrap_err();
         assert!(matches!(err, SettingsError::FileNotFound(_)));
     }
 }
