@@ -96,6 +96,37 @@ async fn audio_flows_both_ways_unchanged_and_in_order() {
     fake.assert_no_violations();
 }
 
+/// Caller audio lost before it reached us (a jump in Twilio's `media.timestamp`) is replaced with
+/// μ-law silence, so the model's voice detection keeps its clock; `/calls` counts it.
+#[actix_web::test]
+async fn lost_caller_audio_is_filled_with_silence() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ150", "CA150", &[]).await;
+    session.recv_event("session.update").await;
+
+    let frames = tone_frames(6);
+    for frame in &frames[..3] {
+        caller.send_media(frame).await;
+    }
+    caller.skip_inbound_ms(60); // three packets lost
+    for frame in &frames[3..] {
+        caller.send_media(frame).await;
+    }
+    let mut expected = frames[..3].concat();
+    expected.extend_from_slice(&[0xFF; 480]);
+    expected.extend_from_slice(&frames[3..].concat());
+    assert_eq!(session.wait_appended_bytes(expected.len()).await, expected);
+    let call = app
+        .wait_call("CA150", "gap counted", |c| c["silence_filled_ms"] == 60)
+        .await;
+    assert_eq!(call["frames_in"], 9);
+    caller.assert_no_violations();
+    fake.assert_no_violations();
+}
+
 /// With a greeting set, the assistant speaks first: `response.create` with the greeting is sent
 /// only after `session.updated`, and caller audio waits for it too.
 #[actix_web::test]

@@ -105,6 +105,7 @@ impl CallActor {
             dtmf_response_delay_ms: call_cfg.dtmf_response_delay_ms,
             track_playback: engine.upstream() == UpstreamKind::OpenAi,
             cancel_grace_ms: CANCEL_GRACE_MS,
+            fill_gaps_max_ms: call_cfg.fill_gaps_max_ms,
         });
         Self {
             instance,
@@ -158,7 +159,11 @@ impl CallActor {
             Action::TwilioClear => self.twilio.do_send(ClearAudio),
             Action::UpstreamAudio { payload, bytes } => {
                 if let Some(leg) = &self.leg {
-                    leg.audio.do_send(AudioIn { payload, bytes });
+                    leg.audio.do_send(AudioIn {
+                        payload,
+                        bytes,
+                        timestamp_ms: None,
+                    });
                 }
                 self.performed_in += 1;
                 if self.performed_in == 1 {
@@ -416,6 +421,7 @@ impl CallActor {
                 upstream_not_ready: stats.dropped_upstream,
                 interrupted: stats.dropped_interrupted,
             },
+            silence_filled_ms: stats.silence_filled_ms,
             transcript: with_transcript.then(|| self.transcript.iter().cloned().collect()),
         }
     }
@@ -508,6 +514,7 @@ impl Handler<AudioIn> for CallActor {
             Event::CallerAudio {
                 payload: msg.payload,
                 bytes: msg.bytes,
+                timestamp_ms: msg.timestamp_ms,
             },
             ctx,
         );

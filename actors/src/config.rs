@@ -182,6 +182,9 @@ pub struct CallConfig {
     pub transcript_max_entries: usize,
     /// Largest websocket frame accepted from Twilio, bytes.
     pub max_frame_bytes: usize,
+    /// Fill gaps in the caller's audio (lost packets, seen as jumps in Twilio's
+    /// `media.timestamp`) with silence, up to this many ms per gap (0: never).
+    pub fill_gaps_max_ms: u64,
     /// Mask phone numbers in logs (`+1415***5309`); `/calls` shows them in full.
     pub redact_numbers_in_logs: bool,
     /// Write transcripts to the log (they are personal data).
@@ -197,6 +200,7 @@ impl Default for CallConfig {
             frame_log_interval: 50,
             transcript_max_entries: 500,
             max_frame_bytes: 64 * 1024,
+            fill_gaps_max_ms: 1_000,
             redact_numbers_in_logs: true,
             log_transcripts: true,
         }

@@ -19,6 +19,8 @@ pub struct AudioIn {
     pub payload: String,
     /// Bytes of audio in `payload`.
     pub bytes: usize,
+    /// Twilio's `media.timestamp` (ms since the stream started), when known.
+    pub timestamp_ms: Option<u64>,
 }
 
 /// Upstream leg → CallActor → TwilioStreamActor: a chunk of assistant audio, base64 μ-law.

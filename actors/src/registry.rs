@@ -46,6 +46,9 @@ pub struct CallSnapshot {
     /// Marks sent to Twilio and not yet echoed: audio still queued for the caller.
     pub marks_pending: usize,
     pub dropped_frames: DroppedFrames,
+    /// Caller audio lost on the way from Twilio (a jump in `media.timestamp`), replaced with
+    /// silence so the model's voice detection keeps its clock, ms.
+    pub silence_filled_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transcript: Option<Vec<TranscriptEntry>>,
 }
@@ -223,6 +226,7 @@ mod tests {
                 malformed_frames: 0,
                 marks_pending: 0,
                 dropped_frames: DroppedFrames::default(),
+                silence_filled_ms: 0,
                 transcript: msg.with_transcript.then(Vec::new),
             })
         }

@@ -36,6 +36,8 @@ pub struct SessionConfig {
     pub track_playback: bool,
     /// After a barge-in, how long to let the server cancel the response itself before we do.
     pub cancel_grace_ms: u64,
+    /// Longest gap in the caller's audio filled with silence, ms (0: no filling).
+    pub fill_gaps_max_ms: u64,
 }
 
 /// Something that happened to the call.
@@ -43,10 +45,11 @@ pub struct SessionConfig {
 pub enum Event {
     /// Twilio sent `start`: outbound messages may flow.
     TwilioStarted,
-    /// A chunk of caller audio (checked base64).
+    /// A chunk of caller audio (checked base64), with Twilio's timestamp when known.
     CallerAudio {
         payload: String,
         bytes: usize,
+        timestamp_ms: Option<u64>,
     },
     /// Twilio echoed a mark.
     MarkEchoed {
@@ -135,6 +138,8 @@ pub struct CallStats {
     pub dropped_upstream: u64,
     /// Late chunks of an interrupted response, dropped on purpose.
     pub dropped_interrupted: u64,
+    /// Silence inserted for caller audio lost before it reached us, ms.
+    pub silence_filled_ms: u64,
 }
 
 /// The assistant item being played to the caller.
@@ -178,6 +183,8 @@ pub struct CallSession {
     held_in_bytes: u64,
     /// User text waiting for the AI leg (DTMF pressed while it reconnects).
     held_text: Vec<String>,
+    /// Twilio timestamp the next caller frame should carry if none was lost.
+    next_caller_ts: Option<u64>,
     playing: Option<Playing>,
     /// Marks sent and not yet echoed, oldest first (Twilio echoes in order).
     marks: VecDeque<PendingMark>,
@@ -205,6 +212,7 @@ impl CallSession {
             held_in: VecDeque::new(),
             held_in_bytes: 0,
             held_text: Vec::new(),
+            next_caller_ts: None,
             playing: None,
             marks: VecDeque::new(),
             mark_generation: 0,
@@ -234,7 +242,16 @@ impl CallSession {
     /// the audio path allocates no vector per frame).
     pub fn on_event(&mut self, event: Event, out: &mut Vec<Action>) {
         match event {
-            Event::CallerAudio { payload, bytes } => self.on_caller_audio(payload, bytes, out),
+            Event::CallerAudio {
+                payload,
+                bytes,
+                timestamp_ms,
+            } => {
+                if let Some(ts) = timestamp_ms {
+                    self.fill_gap_before(ts, bytes, out);
+                }
+                self.on_caller_audio(payload, bytes, out)
+            }
             Event::AssistantAudio {
                 response_id,
                 item_id,
@@ -330,6 +347,25 @@ impl CallSession {
                 }
             }
         }
+    }
+
+    /// Lost inbound packets show as a jump in Twilio's media clock. Server VAD measures time by
+    /// the audio it receives, so a hole would shift its clock and can stall turn detection:
+    /// replace what was lost with μ-law silence, in 20 ms frames, up to `fill_gaps_max_ms`.
+    fn fill_gap_before(&mut self, ts: u64, bytes: usize, out: &mut Vec<Action>) {
+        let expected = self
+            .next_caller_ts
+            .replace(ts + bytes as u64 / BYTES_PER_MS);
+        let Some(expected) = expected else { return };
+        if ts <= expected || self.cfg.fill_gaps_max_ms == 0 {
+            return;
+        }
+        let gap_ms = (ts - expected).min(self.cfg.fill_gaps_max_ms);
+        let frames = gap_ms / SILENCE_FRAME_MS;
+        for _ in 0..frames {
+            self.on_caller_audio(silence_frame().to_string(), SILENCE_FRAME_BYTES, out);
+        }
+        self.stats.silence_filled_ms += frames * SILENCE_FRAME_MS;
     }
 
     fn on_caller_audio(&mut self, payload: String, bytes: usize, out: &mut Vec<Action>) {
@@ -498,6 +534,19 @@ impl CallSession {
     }
 }
 
+const SILENCE_FRAME_MS: u64 = 20;
+const SILENCE_FRAME_BYTES: usize = (SILENCE_FRAME_MS * BYTES_PER_MS) as usize;
+
+/// 20 ms of μ-law silence (`0xFF` × 160), base64.
+fn silence_frame() -> &'static str {
+    static FRAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FRAME.get_or_init(|| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .encode([crate::protocol::g711::SILENCE; SILENCE_FRAME_BYTES])
+    })
+}
+
 /// Mark names carry the clear generation and a sequence number: `cb.<generation>.<seq>`.
 pub fn mark_name(generation: u64, seq: u64) -> String {
     format!("cb.{generation}.{seq}")
@@ -527,6 +576,7 @@ mod tests {
             dtmf_response_delay_ms: 500,
             track_playback: true,
             cancel_grace_ms: 150,
+            fill_gaps_max_ms: 100,
         }
     }
 
@@ -573,7 +623,8 @@ mod tests {
                 &mut s,
                 Event::CallerAudio {
                     payload: format!("f{i}"),
-                    bytes: 160
+                    bytes: 160,
+                    timestamp_ms: None,
                 }
             )
             .is_empty());
@@ -596,6 +647,54 @@ mod tests {
             })
         );
         assert_eq!(s.stats.frames_in, 5);
+    }
+
+    fn caller_frame(ts: u64) -> Event {
+        Event::CallerAudio {
+            payload: format!("t{ts}"),
+            bytes: 160,
+            timestamp_ms: Some(ts),
+        }
+    }
+
+    fn upstream_payloads(out: &[Action]) -> Vec<String> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::UpstreamAudio { payload, .. } => Some(payload.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lost_caller_audio_is_replaced_with_silence_up_to_the_limit() {
+        let mut s = started_and_ready();
+        assert_eq!(upstream_payloads(&run(&mut s, caller_frame(0))), vec!["t0"]);
+        assert_eq!(
+            upstream_payloads(&run(&mut s, caller_frame(20))),
+            vec!["t20"]
+        );
+        // 40 ms lost (frames 40 and 60): two silence frames first.
+        let out = upstream_payloads(&run(&mut s, caller_frame(80)));
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0], silence_frame());
+        assert_eq!(out[1], silence_frame());
+        assert_eq!(out[2], "t80");
+        assert_eq!(s.stats.silence_filled_ms, 40);
+        // A long gap is filled up to the limit (100 ms here) only.
+        let out = upstream_payloads(&run(&mut s, caller_frame(1100)));
+        assert_eq!(out.len(), 6);
+        assert_eq!(s.stats.silence_filled_ms, 140);
+        assert_eq!(s.stats.frames_in, 3 + 2 + 1 + 5);
+    }
+
+    #[test]
+    fn silence_frame_is_20_ms_of_mulaw_silence() {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(silence_frame())
+            .unwrap();
+        assert_eq!(bytes, vec![0xFF; 160]);
     }
 
     #[test]

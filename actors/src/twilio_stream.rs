@@ -97,7 +97,7 @@ impl TwilioStreamActor {
             Ok(TwilioEvent::Media {
                 payload,
                 audio_bytes,
-                ..
+                timestamp_ms,
             }) => {
                 if self.out.is_none() {
                     self.malformed("media before start");
@@ -107,6 +107,7 @@ impl TwilioStreamActor {
                 self.call.do_send(AudioIn {
                     payload: payload.into_owned(),
                     bytes: audio_bytes,
+                    timestamp_ms,
                 });
             }
             Ok(TwilioEvent::Mark { name }) => self.call.do_send(MarkEchoed {
