@@ -793,7 +793,10 @@ impl SessionCore {
             Ok(v) => v,
             Err(e) => {
                 st.log.push(Value::String(text.to_owned()));
-                st.violate(format!("client frame is not JSON ({e}): {}", clip(text)));
+                st.violate(format!(
+                    "client frame is not JSON ({e}): {}",
+                    super::clip(text, CLIP)
+                ));
                 let err = Reject::new(
                     "invalid_json",
                     format!("The server could not parse the JSON payload of the event: {e}"),
@@ -813,7 +816,7 @@ impl SessionCore {
                 "{} ({}): {}",
                 reject.code,
                 reject.message,
-                clip(text)
+                super::clip(text, CLIP)
             ));
             self.emit(&mut st, reject.to_event(client_event_id.as_deref()));
         }
@@ -2252,16 +2255,4 @@ fn merge_session(effective: &mut Value, patch: &Map<String, Value>) {
 /// `PoisonError` that hides the real failure.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// At most [`CLIP`] bytes of `text` (audio appends would flood the violation list).
-fn clip(text: &str) -> String {
-    if text.len() <= CLIP {
-        return text.to_owned();
-    }
-    let mut end = CLIP;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..end], text.len())
 }

@@ -132,7 +132,7 @@ impl State {
                 self.events.push(Value::String(text.to_owned()));
                 self.violate(format!(
                     "31951 Invalid Message: not JSON ({e}): {}",
-                    clip(text)
+                    super::clip(text, CLIP)
                 ));
                 return Vec::new();
             }
@@ -142,7 +142,10 @@ impl State {
             Ok(outbound) => self.apply(outbound),
             Err(why) => {
                 // Twilio drops an invalid message (and warns once per stream).
-                self.violate(format!("31951 Invalid Message: {why}: {}", clip(text)));
+                self.violate(format!(
+                    "31951 Invalid Message: {why}: {}",
+                    super::clip(text, CLIP)
+                ));
                 Vec::new()
             }
         }
@@ -828,16 +831,4 @@ async fn read_loop(mut stream: WsStream, state: Rc<RefCell<State>>, sink: Shared
         }
     }
     state.borrow_mut().closed = true;
-}
-
-/// At most [`CLIP`] bytes of `text`.
-fn clip(text: &str) -> String {
-    if text.len() <= CLIP {
-        return text.to_owned();
-    }
-    let mut end = CLIP;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..end], text.len())
 }

@@ -20,6 +20,19 @@ use std::time::{Duration, Instant};
 pub mod app;
 pub use app::*;
 
+/// At most `max` bytes of `text`, cut at a character boundary, with the full length noted
+/// (audio frames would flood a violation list).
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
 /// Polls `f` every 10 ms until it returns true; panics naming `what` after `timeout_ms`.
 pub async fn eventually<F: FnMut() -> bool>(what: &str, timeout_ms: u64, mut f: F) {
     let deadline = Instant::now() + Duration::from_millis(timeout_ms);
