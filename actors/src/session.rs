@@ -21,6 +21,11 @@ use crate::protocol::base64_audio_len;
 /// μ-law at 8 kHz: one byte per sample, eight per millisecond.
 pub const BYTES_PER_MS: u64 = 8;
 
+/// Marks awaiting their echo, at most. Twilio echoes each one as its audio plays, so the queue
+/// holds only what is buffered at Twilio; a peer that never echoes must not grow it forever. When
+/// full, the oldest is forgotten (its audio long played) and counted.
+pub const MAX_PENDING_MARKS: usize = 4096;
+
 /// Limits and choices fixed for the life of a call.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -132,6 +137,8 @@ pub struct CallStats {
     pub marks_played: u64,
     /// Marks echoed because of a `clear`, or not ours: ignored.
     pub marks_ignored: u64,
+    /// Pending marks forgotten because the queue was full (their echo never came).
+    pub marks_forgotten: u64,
     /// Assistant chunks dropped because the pre-start buffer was full.
     pub dropped_pre_start: u64,
     /// Caller chunks dropped because the upstream buffer was full.
@@ -443,6 +450,10 @@ impl CallSession {
         self.stats.bytes_out += bytes;
         let mark = if self.cfg.track_playback {
             self.mark_seq += 1;
+            if self.marks.len() >= MAX_PENDING_MARKS {
+                self.marks.pop_front();
+                self.stats.marks_forgotten += 1;
+            }
             self.marks.push_back(PendingMark {
                 seq: self.mark_seq,
                 item_bytes,
@@ -907,6 +918,16 @@ mod tests {
             item_id: "i2".into(),
             audio_end_ms: 0
         }));
+    }
+
+    #[test]
+    fn pending_marks_are_bounded_when_echoes_never_come() {
+        let mut s = started_and_ready();
+        for _ in 0..MAX_PENDING_MARKS + 10 {
+            run(&mut s, delta("r1", "i1", 8));
+        }
+        assert_eq!(s.marks_pending(), MAX_PENDING_MARKS);
+        assert_eq!(s.stats.marks_forgotten, 10);
     }
 
     #[test]
