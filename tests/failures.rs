@@ -153,7 +153,8 @@ async fn openai_drop_mid_call_restarts_the_leg_and_audio_flows_again() {
     fake.assert_no_violations();
 }
 
-/// Caller audio sent while the OpenAI leg restarts is held and delivered to the new session.
+/// Caller audio and keypad digits sent while the OpenAI leg restarts are held and delivered to
+/// the new session; the context replayed into it has every earlier line exactly once.
 #[actix_web::test]
 async fn caller_audio_during_a_restart_reaches_the_new_session() {
     let fake = FakeOpenAi::start().await;
@@ -165,6 +166,11 @@ async fn caller_audio_during_a_restart_reaches_the_new_session() {
     let mut first = fake.next_session().await;
     caller.start_call("MZ5", "CA5", &[]).await;
     first.recv_event("session.update").await;
+    first.caller_transcript("item_u1", "I am calling about my bill");
+    app.wait_call("CA5", "transcript recorded", |c| {
+        c["transcript"].as_array().is_some_and(|t| t.len() == 1)
+    })
+    .await;
     first.drop_connection();
     app.wait_call("CA5", "restarting", |c| c["state"] == "reconnecting")
         .await;
@@ -173,9 +179,31 @@ async fn caller_audio_during_a_restart_reaches_the_new_session() {
     for frame in &frames {
         caller.send_media(frame).await;
     }
+    caller.send_dtmf("7").await;
     let mut second = fake.next_session().await;
     second.recv_event("session.update").await;
     assert_eq!(second.wait_appended_bytes(800).await, frames.concat());
+    second.recv_event("response.create").await; // the digit gets its answer
+    let texts: Vec<String> = second
+        .events_of_type("conversation.item.create")
+        .iter()
+        .map(|e| {
+            e["item"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        texts.iter().filter(|t| t.contains("my bill")).count(),
+        1,
+        "{texts:?}"
+    );
+    assert_eq!(
+        texts.iter().filter(|t| t.contains("key 7")).count(),
+        1,
+        "{texts:?}"
+    );
     caller.assert_no_violations();
     fake.assert_no_violations();
 }

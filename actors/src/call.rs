@@ -91,6 +91,9 @@ pub struct CallActor {
     started_at: OffsetDateTime,
     started: Instant,
     transcript: VecDeque<TranscriptEntry>,
+    /// Transcript entries the last ready session had seen; a restart replays these. Digits pressed
+    /// during the outage reach the new session through the session's held text instead.
+    replay_upto: usize,
     registered: bool,
     ending: bool,
 }
@@ -130,6 +133,7 @@ impl CallActor {
             started_at: OffsetDateTime::now_utc(),
             started: Instant::now(),
             transcript: VecDeque::new(),
+            replay_upto: 0,
             registered: false,
             ending: false,
             engine,
@@ -293,12 +297,11 @@ impl CallActor {
     fn on_leg_closed(&mut self, reason: String, ctx: &mut Context<Self>) {
         self.leg = None;
         self.apply(Event::UpstreamLost, ctx);
-        if self
-            .ready_since
-            .take()
-            .is_some_and(|t| t.elapsed() >= STABLE_LEG)
-        {
-            self.consecutive_failures = 0;
+        if let Some(ready_since) = self.ready_since.take() {
+            self.replay_upto = self.transcript.len();
+            if ready_since.elapsed() >= STABLE_LEG {
+                self.consecutive_failures = 0;
+            }
         }
         let budget = self.engine.openai_config().max_restarts;
         if self.consecutive_failures >= budget {
@@ -334,8 +337,9 @@ impl CallActor {
     /// Replays the conversation so far into a fresh session, so the assistant keeps its context.
     fn replay_transcript(&self) {
         let Some(leg) = &self.leg else { return };
-        let skip = self.transcript.len().saturating_sub(REPLAY_ENTRIES);
-        for entry in self.transcript.iter().skip(skip) {
+        let known = self.replay_upto.min(self.transcript.len());
+        let skip = known.saturating_sub(REPLAY_ENTRIES);
+        for entry in self.transcript.iter().take(known).skip(skip) {
             let command = match entry.role {
                 Role::Assistant => UpstreamCommand::AssistantText(entry.text.clone()),
                 Role::Caller => UpstreamCommand::UserText(entry.text.clone()),
@@ -352,6 +356,7 @@ impl CallActor {
         let max = self.engine.call_config().transcript_max_entries;
         while self.transcript.len() >= max {
             self.transcript.pop_front();
+            self.replay_upto = self.replay_upto.saturating_sub(1);
         }
         self.transcript.push_back(TranscriptEntry {
             role,
