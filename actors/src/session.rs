@@ -16,8 +16,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::protocol::base64_audio_len;
-
 /// μ-law at 8 kHz: one byte per sample, eight per millisecond.
 pub const BYTES_PER_MS: u64 = 8;
 
@@ -232,17 +230,9 @@ impl CallSession {
         }
     }
 
-    pub fn upstream_ready(&self) -> bool {
-        self.upstream_ready
-    }
-
     /// Marks sent to Twilio and not yet echoed: audio still queued for the caller.
     pub fn marks_pending(&self) -> usize {
         self.marks.len()
-    }
-
-    pub fn response_in_flight(&self) -> Option<&str> {
-        self.in_flight.as_deref()
     }
 
     /// Applies one event; the actions to perform are appended to `out` (which the actor reuses, so
@@ -567,12 +557,6 @@ fn parse_mark_name(name: &str) -> Option<(u64, u64)> {
     let rest = name.strip_prefix("cb.")?;
     let (generation, seq) = rest.split_once('.')?;
     Some((generation.parse().ok()?, seq.parse().ok()?))
-}
-
-/// Bytes of audio in a checked base64 payload (0 when the payload is not base64: the caller
-/// rejects those before they get here).
-pub fn payload_bytes(payload: &str) -> usize {
-    base64_audio_len(payload).unwrap_or(0)
 }
 
 #[cfg(test)]
