@@ -97,6 +97,45 @@ async fn audio_flows_both_ways_unchanged_and_in_order() {
 }
 
 /// Caller audio lost before it reached us (a jump in Twilio's `media.timestamp`) is replaced with
+/// At the default mark interval (100 ms), 60 ms chunks share a mark two by two, and the tail of
+/// the response gets its own mark once the response is done: every byte is still confirmed.
+#[actix_web::test]
+async fn marks_are_coalesced_and_the_tail_is_marked() {
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.call.mark_interval_ms = 100;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ150", "CA150", &[]).await;
+    session.recv_event("session.update").await;
+
+    let reply = reply_chunks(13, 480);
+    session.start_response("resp_1", "item_1");
+    for chunk in &reply {
+        session.audio_delta_bytes("resp_1", "item_1", chunk);
+    }
+    let expected: Vec<u8> = reply.concat();
+    assert_eq!(caller.recv_audio_bytes(expected.len()).await, expected);
+    caller.wait_marks(6).await;
+    // Each mark follows its media in order, so all of the chunks' marks are in by now.
+    assert_eq!(
+        caller.marks_received().len(),
+        6,
+        "one mark per 120 ms, none for the tail yet"
+    );
+    session.finish_response("resp_1", "item_1", "Thirteen chunks.");
+    caller.wait_marks(7).await;
+    assert_eq!(caller.marks_received().len(), 7);
+    app.wait_call("CA150", "every mark echoed", |c| {
+        c["frames_out"] == 13 && c["marks_pending"] == 0
+    })
+    .await;
+    assert_eq!(caller.media_count(), 13);
+    caller.assert_no_violations();
+    session.assert_no_violations();
+}
+
 /// μ-law silence, so the model's voice detection keeps its clock; `/calls` counts it.
 #[actix_web::test]
 async fn lost_caller_audio_is_filled_with_silence() {

@@ -107,6 +107,7 @@ impl CallActor {
             greeting: Some(engine.openai_config().greeting.clone()).filter(|g| !g.is_empty()),
             dtmf_response_delay_ms: call_cfg.dtmf_response_delay_ms,
             track_playback: engine.upstream() == UpstreamKind::OpenAi,
+            mark_interval_bytes: call_cfg.mark_interval_ms * BYTES_PER_MS,
             cancel_grace_ms: CANCEL_GRACE_MS,
             fill_gaps_max_ms: call_cfg.fill_gaps_max_ms,
         });
@@ -160,6 +161,10 @@ impl CallActor {
                 }
                 self.log_frame_counts(self.performed_out);
             }
+            Action::TwilioMark { name } => self.twilio.do_send(PlayAudio {
+                payload: String::new(),
+                mark: Some(name),
+            }),
             Action::TwilioClear => self.twilio.do_send(ClearAudio),
             Action::UpstreamAudio { payload, bytes } => {
                 if let Some(leg) = &self.leg {

@@ -185,6 +185,11 @@ pub struct CallConfig {
     /// Fill gaps in the caller's audio (lost packets, seen as jumps in Twilio's
     /// `media.timestamp`) with silence, up to this many ms per gap (0: never).
     pub fill_gaps_max_ms: u64,
+    /// In OpenAI mode, follow the assistant's audio with a mark once at least this many ms of
+    /// it went unmarked (and at the end of each response). 0: a mark after every chunk. Marks
+    /// measure what the caller heard (for truncation on barge-in) to this precision; each one
+    /// costs a message both ways.
+    pub mark_interval_ms: u64,
     /// Mask phone numbers in logs (`+1415***5309`); `/calls` shows them in full.
     pub redact_numbers_in_logs: bool,
     /// Write transcripts to the log (they are personal data).
@@ -201,6 +206,7 @@ impl Default for CallConfig {
             transcript_max_entries: 500,
             max_frame_bytes: 64 * 1024,
             fill_gaps_max_ms: 1_000,
+            mark_interval_ms: 100,
             redact_numbers_in_logs: true,
             log_transcripts: true,
         }
@@ -209,6 +215,12 @@ impl Default for CallConfig {
 
 impl CallConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.mark_interval_ms > 1_000 {
+            return Err(ConfigError::new(
+                "call.mark_interval_ms",
+                "must be at most 1000 (a barge-in would truncate up to that much audio short)",
+            ));
+        }
         if self.pre_start_buffer_ms > 60_000 {
             return Err(ConfigError::new(
                 "call.pre_start_buffer_ms",

@@ -121,7 +121,7 @@ pub struct MarkEchoed {
 pub struct MalformedFrame;
 
 /// CallActor → TwilioStreamActor: play this assistant audio to the caller, then send `mark`
-/// (Twilio echoes it once the audio has played).
+/// (Twilio echoes it once the audio has played). An empty `payload` sends the mark alone.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct PlayAudio {

@@ -205,18 +205,42 @@ impl OpenAiRealtimeActor {
     }
 }
 
+thread_local! {
+    /// The awc client of this worker thread, with the connect timeout it was built for.
+    static CLIENT: std::cell::RefCell<Option<(Duration, awc::Client)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// One client per worker thread (awc is `!Send`), shared by every leg on it: building one
+/// builds a rustls configuration with the whole root store, which per call cost set-up time
+/// and memory for nothing. HTTP/1.1 only, as the websocket handshake fails if the server picks
+/// h2 by ALPN.
+fn client_for(timeout: Duration) -> awc::Client {
+    CLIENT.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        match &*cell {
+            Some((t, client)) if *t == timeout => client.clone(),
+            _ => {
+                // `limit(0)`: the connector's default cap of 100 connections would count
+                // every live websocket and hold the 101st call's leg until one ends.
+                let client = awc::Client::builder()
+                    .connector(awc::Connector::new().limit(0))
+                    .timeout(timeout)
+                    .max_http_version(awc::http::Version::HTTP_11)
+                    .finish();
+                *cell = Some((timeout, client.clone()));
+                client
+            }
+        }
+    })
+}
+
 impl Actor for OpenAiRealtimeActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        // One client per leg: awc is !Send and cheap to build; HTTP/1.1 only, as the websocket
-        // handshake fails if the server picks h2 by ALPN.
-        let client = awc::Client::builder()
-            .timeout(timeout)
-            .max_http_version(awc::http::Version::HTTP_11)
-            .finish();
-        let request = client
+        let request = client_for(timeout)
             .ws(self.config.connect_url())
             .max_frame_size(self.config.max_frame_bytes)
             .bearer_auth(self.api_key.expose_secret());

@@ -37,6 +37,8 @@ pub struct SessionConfig {
     pub dtmf_response_delay_ms: u64,
     /// Whether to follow each chunk with a mark; only needed where barge-in can truncate.
     pub track_playback: bool,
+    /// With `track_playback`: mark once this many bytes went unmarked (0: every chunk).
+    pub mark_interval_bytes: u64,
     /// After a barge-in, how long to let the server cancel the response itself before we do.
     pub cancel_grace_ms: u64,
     /// Longest gap in the caller's audio filled with silence, ms (0: no filling).
@@ -99,6 +101,8 @@ pub enum Action {
         payload: String,
         mark: Option<String>,
     },
+    /// A mark alone, after audio already sent (the tail of a response).
+    TwilioMark { name: String },
     /// Tell Twilio to drop the caller's buffered audio.
     TwilioClear,
     /// Append caller audio to the AI's input buffer.
@@ -196,6 +200,8 @@ pub struct CallSession {
     /// Bumped by every `clear`: marks named with an older generation were flushed, not played.
     mark_generation: u64,
     mark_seq: u64,
+    /// Assistant audio sent to Twilio since the last mark, bytes.
+    unmarked_bytes: u64,
     in_flight: Option<String>,
     /// The response cut off by the last barge-in; its late deltas are dropped.
     interrupted: Option<Arc<str>>,
@@ -222,6 +228,7 @@ impl CallSession {
             marks: VecDeque::new(),
             mark_generation: 0,
             mark_seq: 0,
+            unmarked_bytes: 0,
             in_flight: None,
             interrupted: None,
             dtmf_generation: 0,
@@ -306,6 +313,7 @@ impl CallSession {
                 if self.in_flight.as_deref() == Some(response_id.as_str()) {
                     self.in_flight = None;
                 }
+                self.mark_tail(out);
                 if self.response_wanted && self.in_flight.is_none() && self.upstream_ready {
                     self.response_wanted = false;
                     out.push(Action::UpstreamCreateResponse { instructions: None });
@@ -439,17 +447,9 @@ impl CallSession {
         self.stats.frames_out += 1;
         self.stats.bytes_out += bytes;
         let mark = if self.cfg.track_playback {
-            self.mark_seq += 1;
-            if self.marks.len() >= MAX_PENDING_MARKS {
-                self.marks.pop_front();
-                self.stats.marks_forgotten += 1;
-            }
-            self.marks.push_back(PendingMark {
-                seq: self.mark_seq,
-                item_bytes,
-                item_id: chunk.item_id,
-            });
-            Some(mark_name(self.mark_generation, self.mark_seq))
+            self.unmarked_bytes += bytes;
+            (self.unmarked_bytes >= self.cfg.mark_interval_bytes)
+                .then(|| self.new_mark(item_bytes, chunk.item_id))
         } else {
             None
         };
@@ -457,6 +457,36 @@ impl CallSession {
             payload: chunk.payload,
             mark,
         });
+    }
+
+    /// Names a mark for the audio sent so far and queues it for its echo.
+    fn new_mark(&mut self, item_bytes: u64, item_id: Arc<str>) -> String {
+        self.unmarked_bytes = 0;
+        self.mark_seq += 1;
+        if self.marks.len() >= MAX_PENDING_MARKS {
+            self.marks.pop_front();
+            self.stats.marks_forgotten += 1;
+        }
+        self.marks.push_back(PendingMark {
+            seq: self.mark_seq,
+            item_bytes,
+            item_id,
+        });
+        mark_name(self.mark_generation, self.mark_seq)
+    }
+
+    /// Marks the tail of the audio sent (less than `mark_interval_bytes` of it), so that the
+    /// end of a response is confirmed when it has played.
+    fn mark_tail(&mut self, out: &mut Vec<Action>) {
+        if self.unmarked_bytes == 0 || !self.twilio_started {
+            return;
+        }
+        let Some(playing) = &self.playing else {
+            return;
+        };
+        let (item_bytes, item_id) = (playing.sent, playing.item_id.clone());
+        let name = self.new_mark(item_bytes, item_id);
+        out.push(Action::TwilioMark { name });
     }
 
     fn on_mark(&mut self, name: &str) {
@@ -486,7 +516,8 @@ impl CallSession {
     }
 
     fn on_speech_started(&mut self, out: &mut Vec<Action>) {
-        let audio_queued = !self.marks.is_empty() || !self.held_out.is_empty();
+        let audio_queued =
+            !self.marks.is_empty() || self.unmarked_bytes > 0 || !self.held_out.is_empty();
         let mut cleared = false;
         let mut truncated_ms = None;
         if audio_queued {
@@ -496,6 +527,7 @@ impl CallSession {
             }
             self.mark_generation += 1;
             self.marks.clear();
+            self.unmarked_bytes = 0;
             self.held_out.clear();
             self.held_out_bytes = 0;
             if let Some(playing) = self.playing.take() {
@@ -570,6 +602,7 @@ mod tests {
             greeting: Some("Say hello.".into()),
             dtmf_response_delay_ms: 500,
             track_playback: true,
+            mark_interval_bytes: 0,
             cancel_grace_ms: 150,
             fill_gaps_max_ms: 100,
         }
@@ -724,6 +757,92 @@ mod tests {
             ]
         );
         assert_eq!(s.stats.frames_out, 2);
+    }
+
+    /// With a mark interval, chunks share a mark until enough audio went unmarked; the tail of
+    /// a response gets its own mark when the response is done; a barge-in with only unmarked
+    /// audio out still clears it and truncates at what the marks confirmed.
+    #[test]
+    fn marks_are_coalesced_and_the_tail_is_marked_at_response_done() {
+        let mut s = CallSession::new(SessionConfig {
+            greeting: None,
+            mark_interval_bytes: 800,
+            ..cfg()
+        });
+        run(&mut s, Event::TwilioStarted);
+        run(&mut s, Event::UpstreamReady);
+        run(
+            &mut s,
+            Event::ResponseCreated {
+                response_id: "r1".into(),
+            },
+        );
+        let marks: Vec<Option<String>> = (0..5)
+            .map(|_| {
+                run(&mut s, delta("r1", "i1", 480))
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Action::TwilioMedia { mark, .. } => Some(mark),
+                        _ => None,
+                    })
+                    .expect("media")
+            })
+            .collect();
+        // 480, 960 (mark), 480, 960 (mark), 480 unmarked.
+        assert_eq!(marks.iter().filter(|m| m.is_some()).count(), 2);
+        assert!(marks[1].is_some() && marks[3].is_some());
+        let done = run(
+            &mut s,
+            Event::ResponseDone {
+                response_id: "r1".into(),
+            },
+        );
+        assert_eq!(
+            done,
+            vec![Action::TwilioMark {
+                name: "cb.0.3".into()
+            }]
+        );
+        // Nothing unmarked left: a second done adds no mark.
+        assert!(run(
+            &mut s,
+            Event::ResponseDone {
+                response_id: "r1".into()
+            }
+        )
+        .is_empty());
+
+        // A new response; its first chunk is unmarked; the earlier marks echoed.
+        run(
+            &mut s,
+            Event::MarkEchoed {
+                name: "cb.0.3".into(),
+            },
+        );
+        run(
+            &mut s,
+            Event::ResponseCreated {
+                response_id: "r2".into(),
+            },
+        );
+        let out = run(&mut s, delta("r2", "i2", 480));
+        assert_eq!(
+            out,
+            vec![Action::TwilioMedia {
+                payload: "r2-i2-480".into(),
+                mark: None
+            }]
+        );
+        let out = run(&mut s, Event::SpeechStarted);
+        assert_eq!(
+            out[0],
+            Action::TwilioClear,
+            "unmarked audio is still queued: {out:?}"
+        );
+        assert!(out.contains(&Action::UpstreamTruncate {
+            item_id: "i2".into(),
+            audio_end_ms: 0
+        }));
     }
 
     #[test]
@@ -1018,6 +1137,7 @@ mod tests {
     fn echo_mode_sends_no_marks() {
         let mut s = CallSession::new(SessionConfig {
             track_playback: false,
+            mark_interval_bytes: 0,
             ..cfg()
         });
         run(&mut s, Event::TwilioStarted);

@@ -217,8 +217,10 @@ impl Handler<PlayAudio> for TwilioStreamActor {
             log::error!("{} audio out before start: dropped", self.label);
             return;
         };
-        log::trace!("{} media out: {}", self.label, msg.payload);
-        ctx.text(out.media(&msg.payload));
+        if !msg.payload.is_empty() {
+            log::trace!("{} media out: {}", self.label, msg.payload);
+            ctx.text(out.media(&msg.payload));
+        }
         if let Some(name) = msg.mark {
             ctx.text(out.mark(&name));
         }

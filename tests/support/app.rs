@@ -30,6 +30,9 @@ pub fn test_settings() -> Settings {
     s.openai.restart_backoff_max_ms = 100;
     s.openai.connect_timeout_ms = 2_000;
     s.call.dtmf_response_delay_ms = 100;
+    // A mark after every chunk, so that tests can reason chunk by chunk; the default's
+    // coalescing has its own test.
+    s.call.mark_interval_ms = 0;
     s
 }
 
