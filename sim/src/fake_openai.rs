@@ -170,9 +170,11 @@ async fn connection(stream: TcpStream, config: Arc<FakeConfig>, stats: Arc<FakeS
     // Audio every 20 ms: Nagle would add up to 40 ms to every echo.
     let _ = stream.set_nodelay(true);
     let mut upgrade = Upgrade::default();
-    let ws = tokio_tungstenite::accept_hdr_async(stream, |req: &Request, resp: Response| {
-        check_upgrade(req, &mut upgrade).map(|()| resp)
-    })
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        |req: &Request, resp: Response| check_upgrade(req, &mut upgrade).map(|()| resp),
+        Some(crate::ws::config()),
+    )
     .await;
     let Ok(mut ws) = ws else { return };
 

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Context as _};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
-    tungstenite::{client::IntoClientRequest as _, http::HeaderValue},
+    tungstenite::{client::IntoClientRequest as _, http::HeaderValue, protocol::WebSocketConfig},
     MaybeTlsStream, WebSocketStream,
 };
 
@@ -12,6 +12,15 @@ use crate::twilio::{self, USER_AGENT};
 
 /// An open client websocket.
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Socket buffers sized for 20 ms frames of a few hundred bytes. Tungstenite's defaults
+/// (128 KiB each way) would make a thousand simulated calls cost the machine 250 MiB, and the
+/// simulator shares the machine with what it measures.
+pub fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+}
 
 /// How to sign the upgrade, for a service that checks `X-Twilio-Signature`.
 #[derive(Clone, Debug, Default)]
@@ -67,7 +76,7 @@ async fn open(
     url: &str,
 ) -> anyhow::Result<Socket> {
     // Nagle off: a 20 ms frame must not wait for the previous one's ACK.
-    let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config()), true)
         .await
         .map_err(|e| match e {
             tokio_tungstenite::tungstenite::Error::Http(response) => {
