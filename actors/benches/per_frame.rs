@@ -115,6 +115,8 @@ fn live_session() -> CallSession {
         greeting: None,
         dtmf_response_delay_ms: 500,
         track_playback: true,
+        // A mark after every chunk: the most work per frame.
+        mark_interval_bytes: 0,
         cancel_grace_ms: 150,
         fill_gaps_max_ms: 100,
     });
