@@ -61,7 +61,10 @@ impl Application {
                 .configure(routes::configure)
                 .default_service(web::to(routes::not_found))
         })
-        .shutdown_timeout(shutdown_timeout);
+        .shutdown_timeout(shutdown_timeout)
+        // Audio goes out in small frames every 20 ms: Nagle's algorithm would hold a frame
+        // back while the previous one is unacknowledged (actix-http leaves it on by default).
+        .tcp_nodelay(true);
         if workers > 0 {
             server = server.workers(workers);
         }

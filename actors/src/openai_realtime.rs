@@ -205,6 +205,23 @@ impl OpenAiRealtimeActor {
     }
 }
 
+/// TCP connections with Nagle's algorithm off: caller audio goes out as a small append every
+/// 20 ms, which Nagle would hold back while the previous one is unacknowledged (awc's default
+/// connector leaves it on).
+fn nodelay_tcp() -> impl actix_service::Service<
+    actix_tls::connect::ConnectInfo<awc::http::Uri>,
+    Response = actix_tls::connect::Connection<awc::http::Uri, actix_rt::net::TcpStream>,
+    Error = actix_tls::connect::ConnectError,
+> + Clone {
+    use actix_service::ServiceExt as _;
+    actix_tls::connect::ConnectorService::default().map(
+        |connection: actix_tls::connect::Connection<awc::http::Uri, actix_rt::net::TcpStream>| {
+            let _ = connection.io_ref().set_nodelay(true);
+            connection
+        },
+    )
+}
+
 thread_local! {
     /// The awc client of this worker thread, with the connect timeout it was built for.
     static CLIENT: std::cell::RefCell<Option<(Duration, awc::Client)>> =
@@ -224,7 +241,7 @@ fn client_for(timeout: Duration) -> awc::Client {
                 // `limit(0)`: the connector's default cap of 100 connections would count
                 // every live websocket and hold the 101st call's leg until one ends.
                 let client = awc::Client::builder()
-                    .connector(awc::Connector::new().limit(0))
+                    .connector(awc::Connector::new().connector(nodelay_tcp()).limit(0))
                     .timeout(timeout)
                     .max_http_version(awc::http::Version::HTTP_11)
                     .finish();
