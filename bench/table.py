@@ -62,7 +62,9 @@ def main():
                 f"Soak: 250 calls for {s['seconds'] // 60} min: {s['frames_lost']} frames lost, "
                 f"p99 {s['latency']['p99_ms']:.2f} ms; callbridge RSS per minute (MiB): "
                 + ", ".join(f"{m / 1024:.1f}" for m in marks)
-                + f"; after the calls: {samples[-1] / 1024:.1f}.",
+                + "; {} s after the calls: {:.1f}.".format(
+                    2, (s.get("process") or {}).get("rss_end_kib", samples[-1]) / 1024
+                ),
             ]
     lines.append("")
     lines.append(

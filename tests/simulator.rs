@@ -167,3 +167,39 @@ async fn signed_upgrades_work_against_a_secured_service() {
     assert!(text.contains("403") || text.contains("401"), "{text}");
     assert!(!text.contains("another-token"), "the token leaked: {text}");
 }
+
+/// More than a hundred calls at once each get their OpenAI leg straight away (awc's default
+/// connector caps a client at 100 connections, which held the 101st call's leg until another
+/// call ended).
+#[actix_rt::test]
+async fn more_than_a_hundred_calls_are_bridged_at_once() {
+    let (url, stats) = start_fake_openai(FakeConfig::default()).await;
+    let mut settings = test_settings();
+    settings.upstream = UpstreamMode::OpenAi;
+    settings.openai.url = url;
+    settings.secrets.openai_api_key = Some(SecretString::from(TEST_OPENAI_KEY));
+    let app = spawn_app(settings).await;
+
+    let mut options = LoadOptions::new(app.ws_url(), Protocol::Twilio);
+    options.calls = 110;
+    options.seconds = 3;
+    options.ramp_ms = 300;
+    options.warmup_ms = 0;
+    let load = tokio::spawn(load::run(options));
+    let open = || {
+        stats
+            .sessions_open
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(2_500);
+    while open() < 110 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(open(), 110, "OpenAI sessions open while 110 calls are live");
+    let report = load.await.unwrap().expect("the load runs");
+    assert_eq!(report.calls_connected, 110, "{:?}", report.first_error);
+    // Every call had audio back. (Loss is not asserted: on a debug build sharing one thread
+    // with the simulator and the fake, 110 calls can fall behind real time.)
+    assert_eq!(report.setup.count, 110, "calls that had audio back");
+    assert_eq!(report.frames_corrupt, 0);
+}
