@@ -318,6 +318,8 @@ fn cmd_load(args: &Args) -> anyhow::Result<()> {
 
 fn main() {
     raise_open_files_limit();
+    // wss:// URLs: rustls needs its crypto provider chosen once per process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut argv = std::env::args().skip(1);
     let command = argv.next().unwrap_or_default();
     let result = Args::parse(argv).and_then(|args| {
