@@ -207,9 +207,41 @@ struct Tracker {
     seen: Vec<bool>,
     result: CallResult,
     began: Instant,
+    /// How long to wait for echoes after the last frame.
+    drain: Duration,
+    /// Set when the last frame is sent.
+    drain_until: Option<tokio::time::Instant>,
+}
+
+/// A 20 ms clock that keeps real time: frames a late tick missed are sent at once.
+fn frame_clock() -> tokio::time::Interval {
+    let mut tick = interval_at(tokio::time::Instant::now(), FRAME);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    tick
 }
 
 impl Tracker {
+    /// The next tagged frame (base64), if any are left; the last one starts the drain.
+    fn next_frame(&mut self) -> Option<String> {
+        if self.result.sent >= self.frames {
+            return None;
+        }
+        let payload = self.frame(self.result.sent);
+        self.result.sent += 1;
+        if self.result.sent == self.frames {
+            self.drain_until = Some(tokio::time::Instant::now() + self.drain);
+        }
+        Some(payload)
+    }
+
+    /// All frames sent, and either all echoes are in (`idle`: nothing else is pending) or
+    /// the drain period is over.
+    fn finished(&self, idle: bool) -> bool {
+        self.drain_until.is_some_and(|until| {
+            (self.all_echoed() && idle) || tokio::time::Instant::now() >= until
+        })
+    }
+
     /// The tagged frame number `seq`, base64-encoded.
     fn frame(&self, seq: u64) -> String {
         let mut frame = [0u8; FRAME_BYTES];
@@ -311,6 +343,8 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
                 seen: vec![false; frames as usize],
                 result: CallResult::default(),
                 began: Instant::now(),
+                drain: Duration::from_millis(options.drain_ms),
+                drain_until: None,
             };
             let outcome = match options.protocol {
                 Protocol::Twilio => twilio_call(&options, &mut tracker).await,
@@ -422,26 +456,17 @@ async fn twilio_call(options: &LoadOptions, t: &mut Tracker) -> anyhow::Result<(
 
     let mut playback = Playback::new(false);
     let mut to_echo: Vec<String> = Vec::new();
-    let mut tick = interval_at(tokio::time::Instant::now(), FRAME);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let mut drain_until: Option<tokio::time::Instant> = None;
+    let mut tick = frame_clock();
     let mut decoded = Vec::with_capacity(FRAME_BYTES);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if t.result.sent < t.frames {
-                    let payload = t.frame(t.result.sent);
-                    t.result.sent += 1;
+                if let Some(payload) = t.next_frame() {
                     send(&mut ws, caller.media_b64(&payload, FRAME_BYTES)).await?;
-                    if t.result.sent == t.frames {
-                        drain_until = Some(tokio::time::Instant::now() + Duration::from_millis(options.drain_ms));
-                    }
                 }
                 to_echo.extend(playback.advance(FRAME_BYTES).marks);
-                if let Some(until) = drain_until {
-                    if (t.all_echoed() && playback.is_idle()) || tokio::time::Instant::now() >= until {
-                        break;
-                    }
+                if t.finished(playback.is_idle()) {
+                    break;
                 }
             }
             frame = ws.next() => match frame {
@@ -520,25 +545,16 @@ async fn openai_call(options: &LoadOptions, t: &mut Tracker) -> anyhow::Result<(
     .map_err(|_| anyhow!("session set-up timed out"))??;
     t.result.connected = true;
 
-    let mut tick = interval_at(tokio::time::Instant::now(), FRAME);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
-    let mut drain_until: Option<tokio::time::Instant> = None;
+    let mut tick = frame_clock();
     let mut decoded = Vec::with_capacity(FRAME_BYTES);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if t.result.sent < t.frames {
-                    let payload = t.frame(t.result.sent);
-                    t.result.sent += 1;
+                if let Some(payload) = t.next_frame() {
                     send(&mut ws, format!(r#"{{"type":"input_audio_buffer.append","audio":"{payload}"}}"#)).await?;
-                    if t.result.sent == t.frames {
-                        drain_until = Some(tokio::time::Instant::now() + Duration::from_millis(options.drain_ms));
-                    }
                 }
-                if let Some(until) = drain_until {
-                    if t.all_echoed() || tokio::time::Instant::now() >= until {
-                        break;
-                    }
+                if t.finished(true) {
+                    break;
                 }
             }
             frame = ws.next() => match frame {
@@ -586,6 +602,8 @@ mod tests {
             seen: vec![false; frames as usize],
             result: CallResult::default(),
             began: Instant::now(),
+            drain: Duration::from_millis(100),
+            drain_until: None,
         }
     }
 
