@@ -15,8 +15,9 @@
 //! - caller audio: Twilio `media` → `TwilioStreamActor` → [`messages::AudioIn`] → `CallActor`
 //!   (held while the AI leg is not configured) → `AudioIn` → leg → `input_audio_buffer.append`;
 //! - assistant audio: `response.output_audio.delta` → leg → [`messages::AudioOut`] → `CallActor`
-//!   (held before Twilio's `start`; dropped after a barge-in) → [`messages::PlayAudio`] (audio +
-//!   mark) → `TwilioStreamActor` → Twilio `media` + `mark`;
+//!   (held before Twilio's `start`; dropped after a barge-in) → [`messages::PlayAudio`] (audio,
+//!   plus a mark once `call.mark_interval_ms` of it went unmarked; a mark alone for a response's
+//!   tail at `response.done`) → `TwilioStreamActor` → Twilio `media` (+ `mark`);
 //! - Twilio → call: [`messages::StreamStarted`], [`messages::Dtmf`], [`messages::MarkEchoed`],
 //!   [`messages::MalformedFrame`], [`messages::Stop`] (`stop` or socket closed);
 //! - call → Twilio: `PlayAudio`, [`messages::ClearAudio`] (barge-in), `Stop` (close the socket);
@@ -26,7 +27,8 @@
 //!   `Stop`.
 //!
 //! Supervision: the `CallActor` restarts a failed AI leg with backoff within a budget
-//! (`openai.max_restarts`); the Twilio leg ending ends the call.
+//! (`openai.max_restarts`); the Twilio leg ending ends the call. The registry also hands freed
+//! memory back to the OS a second after the last call ends.
 //!
 //! Modules: actors ([`call`], [`twilio_stream`], [`openai_realtime`], [`echo`], [`registry`]),
 //! call logic without a runtime ([`session`]), wire formats without I/O ([`protocol`]), settings

@@ -249,7 +249,7 @@ pub async fn run(options: CallOptions) -> anyhow::Result<CallReport> {
                                 }
                                 report.received_bytes += audio.len();
                                 last_audio = Instant::now();
-                                playback.push_audio(audio);
+                                playback.push_audio(&audio);
                             }
                             Err(e) => invalid(&mut report, &mut timeline, format!("media.payload is not base64: {e}")),
                         },

@@ -27,6 +27,7 @@ use std::{
     time::Duration,
 };
 
+use callbridge_actors::protocol::base64_audio_len;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -297,10 +298,14 @@ struct ClientEvent<'a> {
     audio: Option<Cow<'a, str>>,
     session: Option<Value>,
     item: Option<Value>,
+    // Accepted (the GA protocol has them) but not acted on by an echo server.
+    #[allow(dead_code)]
     previous_item_id: Option<Value>,
     item_id: Option<String>,
+    #[allow(dead_code)]
     content_index: Option<u64>,
     audio_end_ms: Option<u64>,
+    #[allow(dead_code)]
     response: Option<Value>,
     response_id: Option<String>,
 }
@@ -415,7 +420,7 @@ impl Session {
                     self.missing(eid, "audio");
                     return false;
                 };
-                let Some(bytes) = base64_len(&audio) else {
+                let Some(bytes) = base64_audio_len(&audio).map(|n| n as u64) else {
                     self.error(
                         eid,
                         "invalid_value",
@@ -460,7 +465,6 @@ impl Session {
                     self.missing(eid, "item_id");
                     return false;
                 };
-                let _ = event.content_index;
                 match self.item_audio.get(&item_id) {
                     None => {
                         let message = format!("Item with item_id not found: {item_id}");
@@ -501,7 +505,6 @@ impl Session {
                 ),
             },
             "response.create" => {
-                let _ = event.response;
                 if let Some(active) = &self.active {
                     let message = format!("Conversation already has an active response in progress: {}. Wait until the response is finished before creating a new one.", active.id);
                     self.error(
@@ -532,7 +535,6 @@ impl Session {
                 }
             }
             other => {
-                let _ = event.previous_item_id;
                 let message = format!("Invalid value: '{other}'. Supported values are: 'session.update', 'input_audio_buffer.append', 'input_audio_buffer.commit', 'input_audio_buffer.clear', 'conversation.item.create', 'conversation.item.truncate', 'conversation.item.delete', 'response.create', and 'response.cancel'.");
                 self.error(eid, "invalid_value", &message, Some("type"));
             }
@@ -722,26 +724,6 @@ impl Session {
     }
 }
 
-/// Decoded length of standard base64, if `s` is well formed (checked, not decoded).
-fn base64_len(s: &str) -> Option<u64> {
-    let b = s.as_bytes();
-    if b.is_empty() || b.len() % 4 != 0 {
-        return None;
-    }
-    let pad = b.iter().rev().take_while(|&&c| c == b'=').count();
-    if pad > 2 {
-        return None;
-    }
-    let body = &b[..b.len() - pad];
-    if !body
-        .iter()
-        .all(|&c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
-    {
-        return None;
-    }
-    Some((b.len() / 4 * 3 - pad) as u64)
-}
-
 /// GA `session.update` semantics: only the fields present change; objects merge key by key.
 fn merge(into: &mut Value, update: Value) {
     match (into, update) {
@@ -790,14 +772,18 @@ mod tests {
         BASE64_STANDARD.encode([0xFFu8; 160])
     }
 
+    fn append() -> String {
+        format!(
+            r#"{{"type":"input_audio_buffer.append","audio":"{}"}}"#,
+            frame()
+        )
+    }
+
     /// Appends come back as deltas of one response, opened and closed in the GA order.
     #[test]
     fn echoes_appends_inside_a_response() {
         let mut s = session(40, 0);
-        let append = format!(
-            r#"{{"type":"input_audio_buffer.append","audio":"{}"}}"#,
-            frame()
-        );
+        let append = append();
         assert!(s.on_client_event(&append));
         let delta: Value = serde_json::from_str(s.out.last().unwrap()).unwrap();
         assert_eq!(delta["delta"], frame());
@@ -855,10 +841,7 @@ mod tests {
     #[test]
     fn scripted_barge_in() {
         let mut s = session(0, 40);
-        let append = format!(
-            r#"{{"type":"input_audio_buffer.append","audio":"{}"}}"#,
-            frame()
-        );
+        let append = append();
         s.on_client_event(&append);
         s.out.clear();
         s.on_client_event(&append);
@@ -871,12 +854,12 @@ mod tests {
         );
     }
 
-    /// Base64 is checked without decoding.
+    /// Base64 is checked without decoding (with the bridge's own checker).
     #[test]
     fn base64_length() {
-        assert_eq!(base64_len("//8="), Some(2));
-        assert_eq!(base64_len(&frame()), Some(160));
-        assert_eq!(base64_len("abc"), None);
-        assert_eq!(base64_len("ab!="), None);
+        assert_eq!(base64_audio_len("//8="), Some(2));
+        assert_eq!(base64_audio_len(&frame()), Some(160));
+        assert_eq!(base64_audio_len("abc"), None);
+        assert_eq!(base64_audio_len("ab!="), None);
     }
 }

@@ -476,7 +476,7 @@ async fn twilio_call(options: &LoadOptions, t: &mut Tracker) -> anyhow::Result<(
                         match BASE64_STANDARD.decode_vec(payload, &mut decoded) {
                             Ok(()) => {
                                 t.on_echo(&decoded);
-                                playback.push_audio(decoded.clone());
+                                playback.push_audio(&decoded);
                             }
                             Err(_) => t.result.invalid += 1,
                         }

@@ -13,7 +13,11 @@ use std::collections::VecDeque;
 
 #[derive(Debug)]
 enum Queued {
-    Audio(Vec<u8>),
+    /// `len` bytes of audio; the bytes themselves only when recording.
+    Audio {
+        len: usize,
+        data: Vec<u8>,
+    },
     Mark(String),
 }
 
@@ -48,13 +52,22 @@ impl Playback {
         }
     }
 
-    /// Queues audio from a `media` message.
-    pub fn push_audio(&mut self, audio: Vec<u8>) {
+    /// Queues audio from a `media` message (copied only when recording: the load generator
+    /// needs just its length).
+    pub fn push_audio(&mut self, audio: &[u8]) {
         if audio.is_empty() {
             return;
         }
         self.buffered += audio.len();
-        self.queue.push_back(Queued::Audio(audio));
+        let data = if self.record {
+            audio.to_vec()
+        } else {
+            Vec::new()
+        };
+        self.queue.push_back(Queued::Audio {
+            len: audio.len(),
+            data,
+        });
     }
 
     /// Queues a mark. Returns it at once if nothing is buffered ahead of it.
@@ -78,15 +91,15 @@ impl Playback {
                         out.marks.push(name);
                     }
                 }
-                Queued::Audio(audio) => {
+                Queued::Audio { len, data } => {
                     if bytes == 0 {
                         break;
                     }
-                    let left = audio.len() - self.front_played;
+                    let left = len - self.front_played;
                     let take = left.min(bytes);
                     if self.record {
                         self.recording
-                            .extend_from_slice(&audio[self.front_played..self.front_played + take]);
+                            .extend_from_slice(&data[self.front_played..self.front_played + take]);
                     }
                     self.front_played += take;
                     self.buffered -= take;
@@ -111,7 +124,7 @@ impl Playback {
             .drain(..)
             .filter_map(|q| match q {
                 Queued::Mark(name) => Some(name),
-                Queued::Audio(_) => None,
+                Queued::Audio { .. } => None,
             })
             .collect();
         self.buffered = 0;
@@ -152,9 +165,9 @@ mod tests {
     fn marks_follow_their_audio() {
         let mut p = Playback::new(true);
         assert_eq!(p.push_mark("m0".into()), Some("m0".into()));
-        p.push_audio(vec![1; 160]);
+        p.push_audio(&[1; 160]);
         assert_eq!(p.push_mark("m1".into()), None);
-        p.push_audio(vec![2; 160]);
+        p.push_audio(&[2; 160]);
         assert_eq!(p.push_mark("m2".into()), None);
         let a = p.advance(100);
         assert_eq!(
@@ -180,9 +193,9 @@ mod tests {
     #[test]
     fn clear_drops_audio_and_returns_marks() {
         let mut p = Playback::new(true);
-        p.push_audio(vec![1; 160]);
+        p.push_audio(&[1; 160]);
         p.push_mark("a".into());
-        p.push_audio(vec![2; 160]);
+        p.push_audio(&[2; 160]);
         p.push_mark("b".into());
         p.advance(80);
         let cleared = p.clear();
