@@ -13,8 +13,10 @@ use std::sync::Arc;
 use base64::Engine as _;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
+use bytes::Bytes;
 use callbridge_actors::protocol::{g711, openai, twilio};
-use callbridge_actors::session::{Action, CallSession, Event, SessionConfig};
+use callbridge_actors::session::inbound::{Inbound, InboundConfig};
+use callbridge_actors::session::playback::{Chunk, Playback, PlaybackConfig, Wire};
 
 /// μ-law bytes in one 20 ms frame at 8 kHz.
 const FRAME_BYTES: usize = 160;
@@ -107,81 +109,59 @@ fn bench_twilio_outbound(c: &mut Criterion, payload: &str) {
     group.finish();
 }
 
-/// A session past set-up (Twilio started, AI leg ready), as it is for almost every frame.
-fn live_session() -> CallSession {
-    let mut session = CallSession::new(SessionConfig {
-        pre_start_buffer_bytes: 8 * 2000,
-        upstream_buffer_bytes: 8 * 2000,
-        greeting: None,
-        dtmf_response_delay_ms: 500,
-        track_playback: true,
-        // A mark after every chunk: the most work per frame.
-        mark_interval_bytes: 0,
-        cancel_grace_ms: 150,
-        fill_gaps_max_ms: 100,
-    });
-    let mut out = Vec::new();
-    session.on_event(Event::TwilioStarted, &mut out);
-    session.on_event(Event::UpstreamReady, &mut out);
-    session
-}
-
-/// One frame each way through the call's state machine. The payload `String` is cloned per
-/// iteration because the actor builds one per frame too (the event owns its audio).
+/// One frame each way through the pure decision modules: inbound (caller → AI) and playback
+/// (AI → Twilio, with its mark echoed in the same iteration so the pending-mark queue stays
+/// short, as on a live call). Payloads are `Bytes` clones, as in the service (no copy).
 fn bench_session(c: &mut Criterion, payload: &str) {
+    let payload = Bytes::copy_from_slice(payload.as_bytes());
     let mut group = c.benchmark_group("session");
     group.throughput(Throughput::Elements(1));
 
     group.bench_function("caller_audio", |b| {
-        let mut session = live_session();
+        let mut inbound = Inbound::new(InboundConfig {
+            hold_bytes: 16_000,
+            fill_gaps_max_ms: 1_000,
+        });
         let mut out = Vec::with_capacity(4);
+        inbound.set_routed(true, &mut out);
         // Timestamps advance 20 ms per frame, so no gap is ever filled: the steady state.
         let mut ts = 0u64;
         b.iter(|| {
             out.clear();
             ts += 20;
-            session.on_event(
-                Event::CallerAudio {
-                    payload: payload.to_owned(),
-                    bytes: FRAME_BYTES,
-                    timestamp_ms: Some(ts),
-                },
-                &mut out,
-            );
-            debug_assert!(matches!(out[..], [Action::UpstreamAudio { .. }]));
+            inbound.on_media(payload.clone(), FRAME_BYTES as u32, Some(ts), &mut out);
+            debug_assert_eq!(out.len(), 1);
             black_box(&out);
         })
     });
 
-    // Every chunk sent to Twilio carries a mark that Twilio later echoes; the echo is fed back
-    // in the same iteration so the pending-mark queue stays short, as on a live call, rather
-    // than filling to its bound and measuring the forget-the-oldest path instead.
     group.bench_function("assistant_audio_and_mark_echo", |b| {
-        let mut session = live_session();
-        let mut out = Vec::with_capacity(4);
+        let mut playback = Playback::new(PlaybackConfig {
+            pre_start_bytes: 40_000,
+            track_marks: true,
+            mark_interval_bytes: 0,
+            budget_bytes: 240_000,
+            queue_bytes: 120_000,
+        });
+        playback.start();
         let response_id: Arc<str> = Arc::from("resp_CFXhVZiVq3GeXmbfMUdS1");
         let item_id: Arc<str> = Arc::from("item_CFXhVXhBrqdEMmgo2DtYa");
         b.iter(|| {
-            out.clear();
-            session.on_event(
-                Event::AssistantAudio {
-                    response_id: response_id.clone(),
-                    item_id: item_id.clone(),
-                    payload: payload.to_owned(),
-                    bytes: FRAME_BYTES,
-                },
-                &mut out,
-            );
-            let name = match out.as_mut_slice() {
-                [Action::TwilioMedia {
+            playback.push(Chunk {
+                response_id: response_id.clone(),
+                item_id: item_id.clone(),
+                payload: payload.clone(),
+                bytes: FRAME_BYTES as u32,
+            });
+            let name = match playback.next_wire() {
+                Some(Wire::Media {
                     mark: Some(name), ..
-                }] => std::mem::take(name),
-                other => panic!("expected one media action with a mark, got {other:?}"),
+                }) => name,
+                other => panic!("expected media with a mark, got {other:?}"),
             };
-            black_box(&out);
-            session.on_event(Event::MarkEchoed { name }, &mut out);
+            playback.on_mark(black_box(&name));
         });
-        assert_eq!(session.marks_pending(), 0);
+        assert_eq!(playback.marks_pending(), 0);
     });
 
     group.finish();

@@ -1,39 +1,46 @@
-//! `CallActor`: one per call. It owns the call's state, supervises its two legs and routes typed
-//! messages between them.
+//! `CallActor`: one per call. It makes every decision of the call and moves no audio.
 //!
-//! - The Twilio leg (`TwilioStreamActor`) is started with the call and ends it: when Twilio says
-//!   `stop` or its socket closes, the AI leg is closed and the call leaves the registry.
-//! - The AI leg (`OpenAiRealtimeActor`, or `EchoUpstream`) is the supervised part. It is opened as
-//!   soon as the media stream connects (before `start`, to save the connect time on the first
-//!   turn). When it fails the call keeps the caller connected, restarts it after a backoff, sends
-//!   `session.update` again (the leg does), replays the transcript as context, and audio flows
-//!   again. When the restart budget is spent, the call ends cleanly.
-//! - All call logic (buffers, marks, barge-in) is in [`CallSession`]; this actor feeds it events
-//!   and performs the actions it returns.
+//! - **Routing.** Each AI leg is created with the Twilio leg's `Recipient<AudioOut>`; when it is
+//!   ready (`session.updated`), the call hands the Twilio leg that leg's `Recipient<AudioIn>`.
+//!   Audio then goes leg to leg without passing through this mailbox. When the leg is lost, the call takes
+//!   the route back first, so caller audio stops at the source (the Twilio leg holds it,
+//!   bounded) instead of piling up at a dead leg.
+//! - **Supervision.** The Twilio leg is started with the call and ends it. The AI leg
+//!   (`OpenAiRealtimeActor`, or `EchoUpstream`) is the supervised part: opened as soon as the
+//!   media stream connects (before `start`, to save the connect time on the first turn), and on
+//!   failure restarted as [`Restarts`] decides (typed failure, backoff, budget), with
+//!   `session.update` sent again (the leg does) and the transcript replayed as context.
+//! - **Turns.** Barge-in, DTMF, the greeting and the response in flight are decided by
+//!   [`Turns`]; this actor feeds it events and performs its actions. The Twilio leg answers a
+//!   barge-in's clear with what the caller heard, which becomes the truncate.
+//! - **Inspection.** `/calls` snapshots read the call's shared counters, which the legs keep.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use secrecy::SecretString;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::config::UpstreamKind;
+use crate::config::{CallConfig, OpenAiConfig, UpstreamKind};
 use crate::echo::EchoUpstream;
 use crate::engine::Engine;
 use crate::messages::{
-    AudioIn, AudioOut, CallIdentified, ClearAudio, Dtmf, GetSnapshot, MalformedFrame, MarkEchoed,
-    PlayAudio, Role, Stop, StopReason, StreamStarted, Transcript, UpstreamCommand, UpstreamEvent,
+    AudioIn, AudioOut, CallCounters, CallIdentified, ClearAudio, Dtmf, GetSnapshot, MarkTail, Role,
+    RouteCallerAudio, Stop, StopReason, StreamStarted, Transcript, UpstreamCommand, UpstreamEvent,
 };
-use crate::openai_realtime::OpenAiRealtimeActor;
-use crate::registry::{CallSnapshot, DroppedFrames, Register, TranscriptEntry, Unregister};
-use crate::session::{Action, CallSession, Event, SessionConfig, BYTES_PER_MS};
-use crate::twilio_stream::TwilioStreamActor;
+use crate::openai_realtime::{LegPort, OpenAiRealtimeActor};
+use crate::registry::{
+    CallEnded, CallSnapshot, DroppedFrames, Queued, Register, TranscriptEntry, Unregister,
+};
+use crate::session::restart::{Decision, LegFailure, RestartPolicy, Restarts};
+use crate::session::turns::{Action, Event, Turns, TurnsConfig};
+use crate::twilio_stream::TwilioPort;
 
 /// A leg that stayed up this long has proven the upstream healthy again: its failure starts a
-/// fresh restart budget. Shorter-lived legs count against the budget, so an upstream that accepts
-/// and then fails every session cannot keep a call in a restart loop.
+/// fresh restart budget.
 const STABLE_LEG: Duration = Duration::from_secs(30);
 
 /// After a barge-in, time for the server to cancel the interrupted response itself (it does so
@@ -43,12 +50,64 @@ const CANCEL_GRACE_MS: u64 = 250;
 /// The transcript entries replayed into a new session after a restart (the most recent ones).
 const REPLAY_ENTRIES: usize = 50;
 
-/// The AI leg as the call sees it: recipients, so OpenAI and echo legs are interchangeable.
-struct UpstreamLeg {
-    audio: Recipient<AudioIn>,
-    control: Recipient<UpstreamCommand>,
-    stop: Recipient<Stop>,
-    ident: Recipient<CallIdentified>,
+/// The AI leg as the call sees it: recipients, so OpenAI, echo and test legs are interchangeable.
+#[derive(Clone)]
+pub struct UpstreamLeg {
+    pub audio: Recipient<AudioIn>,
+    pub control: Recipient<UpstreamCommand>,
+    pub stop: Recipient<Stop>,
+    pub ident: Recipient<CallIdentified>,
+}
+
+impl UpstreamLeg {
+    pub fn of<A>(addr: Addr<A>) -> Self
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<AudioIn>
+            + Handler<UpstreamCommand>
+            + Handler<Stop>
+            + Handler<CallIdentified>,
+    {
+        Self {
+            audio: addr.clone().recipient(),
+            control: addr.clone().recipient(),
+            stop: addr.clone().recipient(),
+            ident: addr.recipient(),
+        }
+    }
+}
+
+/// What a new AI leg needs; a [`LegFactory`] turns it into a started leg.
+pub struct LegRequest {
+    pub port: LegPort,
+    /// Where the leg sends assistant audio: the Twilio leg.
+    pub twilio_audio: Recipient<AudioOut>,
+    pub leg_no: u32,
+    pub label: Arc<str>,
+    pub counters: Arc<CallCounters>,
+}
+
+/// Starts AI legs. The engine's opens OpenAI or echo legs; a test's starts stand-ins.
+pub type LegFactory = Box<dyn Fn(LegRequest) -> UpstreamLeg>;
+
+/// The factory for the engine's upstream.
+fn engine_legs(engine: &Engine) -> LegFactory {
+    let kind = engine.upstream();
+    let openai: Arc<OpenAiConfig> = engine.openai_config_arc();
+    let call: CallConfig = engine.call_config().clone();
+    let key: Option<SecretString> = engine.api_key();
+    Box::new(move |req: LegRequest| match kind {
+        UpstreamKind::OpenAi => {
+            // invariant: the engine refuses to build in OpenAI mode without a key.
+            let key = key.clone().expect("OpenAI mode has a key");
+            let addr = OpenAiRealtimeActor::new(req, openai.clone(), &call, key).start_leg();
+            UpstreamLeg::of(addr)
+        }
+        UpstreamKind::Echo => {
+            let echo = EchoUpstream::new(req.port, req.leg_no, req.twilio_audio, req.counters);
+            UpstreamLeg::of(echo.start_leg())
+        }
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,27 +121,22 @@ pub struct CallActor {
     engine: Engine,
     /// Unique per media stream in this process (tells registrations of a reused SID apart).
     instance: u64,
-    twilio: Addr<TwilioStreamActor>,
+    twilio: TwilioPort,
+    counters: Arc<CallCounters>,
+    legs: LegFactory,
     /// `[CA…]` once `start` names the call; `[conn-N]` before.
     label: Arc<str>,
-    session: CallSession,
-    /// Reused for every event, so the audio path allocates no action vector.
+    turns: Turns,
+    restarts: Restarts,
+    /// Reused for every event, so no action vector is allocated per event.
     actions: Vec<Action>,
-    /// Frames actually handed to each leg, for the log lines (the session's counters run ahead
-    /// of these while a batch of held audio is being flushed).
-    performed_in: u64,
-    performed_out: u64,
 
     leg: Option<UpstreamLeg>,
     /// Number of the current (or next) leg; reports from older legs are ignored.
     leg_no: u32,
     leg_state: LegState,
     ready_since: Option<Instant>,
-    /// Failed legs since the last stable one; compared with `openai.max_restarts`.
-    consecutive_failures: u32,
-    restarts: u32,
     upstream_errors: u64,
-    malformed_frames: u64,
 
     call_sid: String,
     stream_sid: String,
@@ -92,41 +146,58 @@ pub struct CallActor {
     started: Instant,
     transcript: VecDeque<TranscriptEntry>,
     /// Transcript entries the last ready session had seen; a restart replays these. Digits pressed
-    /// during the outage reach the new session through the session's held text instead.
+    /// during the outage reach the new session through the turns' held text instead.
     replay_upto: usize,
     registered: bool,
     ending: bool,
 }
 
 impl CallActor {
-    pub fn new(engine: Engine, instance: u64, twilio: Addr<TwilioStreamActor>) -> Self {
+    pub fn new(
+        engine: Engine,
+        instance: u64,
+        twilio: TwilioPort,
+        counters: Arc<CallCounters>,
+    ) -> Self {
+        let legs = engine_legs(&engine);
+        Self::with_legs(engine, instance, twilio, counters, legs)
+    }
+
+    /// A call whose AI legs come from `legs` (tests stand in for OpenAI with it).
+    pub fn with_legs(
+        engine: Engine,
+        instance: u64,
+        twilio: TwilioPort,
+        counters: Arc<CallCounters>,
+        legs: LegFactory,
+    ) -> Self {
         let call_cfg = engine.call_config();
-        let session = CallSession::new(SessionConfig {
-            pre_start_buffer_bytes: call_cfg.pre_start_buffer_ms * BYTES_PER_MS,
-            upstream_buffer_bytes: call_cfg.upstream_buffer_ms * BYTES_PER_MS,
-            greeting: Some(engine.openai_config().greeting.clone()).filter(|g| !g.is_empty()),
+        let openai = engine.openai_config();
+        let turns = Turns::new(TurnsConfig {
+            greeting: Some(openai.greeting.clone()).filter(|g| !g.is_empty()),
             dtmf_response_delay_ms: call_cfg.dtmf_response_delay_ms,
-            track_playback: engine.upstream() == UpstreamKind::OpenAi,
-            mark_interval_bytes: call_cfg.mark_interval_ms * BYTES_PER_MS,
             cancel_grace_ms: CANCEL_GRACE_MS,
-            fill_gaps_max_ms: call_cfg.fill_gaps_max_ms,
+        });
+        let restarts = Restarts::new(RestartPolicy {
+            max_restarts: openai.max_restarts,
+            backoff_ms: openai.restart_backoff_ms,
+            backoff_max_ms: openai.restart_backoff_max_ms,
+            stable_after: STABLE_LEG,
         });
         Self {
             instance,
             twilio,
+            counters,
+            legs,
             label: Arc::from(format!("[conn-{instance}]")),
-            session,
+            turns,
+            restarts,
             actions: Vec::with_capacity(8),
-            performed_in: 0,
-            performed_out: 0,
             leg: None,
             leg_no: 0,
             leg_state: LegState::Connecting,
             ready_since: None,
-            consecutive_failures: 0,
-            restarts: 0,
             upstream_errors: 0,
-            malformed_frames: 0,
             call_sid: String::new(),
             stream_sid: String::new(),
             from: String::new(),
@@ -141,10 +212,10 @@ impl CallActor {
         }
     }
 
-    /// Feeds one event to the session and performs what it asks for.
+    /// Feeds one event to the turns and performs what they ask for.
     fn apply(&mut self, event: Event, ctx: &mut Context<Self>) {
         let mut actions = std::mem::take(&mut self.actions);
-        self.session.on_event(event, &mut actions);
+        self.turns.on_event(event, &mut actions);
         for action in actions.drain(..) {
             self.perform(action, ctx);
         }
@@ -153,41 +224,35 @@ impl CallActor {
 
     fn perform(&mut self, action: Action, ctx: &mut Context<Self>) {
         match action {
-            Action::TwilioMedia { payload, mark } => {
-                self.twilio.do_send(PlayAudio { payload, mark });
-                self.performed_out += 1;
-                if self.performed_out == 1 {
-                    log::info!("{} first audio frame to the caller", self.label);
-                }
-                self.log_frame_counts(self.performed_out);
+            Action::Clear { in_flight } => {
+                let interrupted_response = in_flight.is_some();
+                // The Twilio leg knows what was sent and heard; ask, then truncate by its answer.
+                self.twilio
+                    .clear
+                    .send(ClearAudio {
+                        interrupted: in_flight,
+                    })
+                    .into_actor(self)
+                    .map(move |outcome, act, ctx| {
+                        if let Ok(outcome) = outcome {
+                            act.apply(
+                                Event::Cleared {
+                                    outcome,
+                                    interrupted_response,
+                                },
+                                ctx,
+                            );
+                        }
+                    })
+                    .spawn(ctx);
             }
-            Action::TwilioMark { name } => self.twilio.do_send(PlayAudio {
-                payload: String::new(),
-                mark: Some(name),
-            }),
-            Action::TwilioClear => self.twilio.do_send(ClearAudio),
-            Action::UpstreamAudio { payload, bytes } => {
-                if let Some(leg) = &self.leg {
-                    leg.audio.do_send(AudioIn {
-                        payload,
-                        bytes,
-                        timestamp_ms: None,
-                    });
-                }
-                self.performed_in += 1;
-                if self.performed_in == 1 {
-                    log::info!("{} first audio frame from the caller", self.label);
-                }
-                self.log_frame_counts(self.performed_in);
-            }
-            Action::UpstreamUserText { text } => self.control(UpstreamCommand::UserText(text)),
-            Action::UpstreamCreateResponse { instructions } => {
+            Action::MarkTail => self.twilio.mark_tail.do_send(MarkTail),
+            Action::UserText { text } => self.control(UpstreamCommand::UserText(text)),
+            Action::CreateResponse { instructions } => {
                 self.control(UpstreamCommand::CreateResponse { instructions })
             }
-            Action::UpstreamCancel { response_id } => {
-                self.control(UpstreamCommand::Cancel { response_id })
-            }
-            Action::UpstreamTruncate {
+            Action::Cancel { response_id } => self.control(UpstreamCommand::Cancel { response_id }),
+            Action::Truncate {
                 item_id,
                 audio_end_ms,
             } => self.control(UpstreamCommand::Truncate {
@@ -222,11 +287,11 @@ impl CallActor {
                 log::info!(
                     "{} barge-in #{}: caller spoke over the assistant; {}{}, {}",
                     self.label,
-                    self.session.stats.barge_ins,
+                    self.turns.barge_ins,
                     if cleared {
                         "Twilio buffer cleared"
                     } else {
-                        "nothing queued"
+                        "nothing sent yet"
                     },
                     if interrupted_response {
                         ", response interrupted"
@@ -246,97 +311,87 @@ impl CallActor {
         }
     }
 
-    fn log_frame_counts(&self, count: u64) {
-        let every = self.engine.call_config().frame_log_interval;
-        if every > 0 && count % every == 0 {
-            let stats = &self.session.stats;
-            log::info!(
-                "{} frames in={} out={} barge_ins={}",
-                self.label,
-                stats.frames_in,
-                stats.frames_out,
-                stats.barge_ins
-            );
-        }
-    }
-
     /// Opens a new AI leg (the first, or a restart).
     fn start_leg(&mut self, ctx: &mut Context<Self>) {
         if self.ending {
             return;
         }
         let call = ctx.address();
-        let leg_no = self.leg_no;
-        let leg = match self.engine.upstream() {
-            UpstreamKind::OpenAi => {
-                // invariant: the engine refuses to build in OpenAI mode without a key.
-                let key = self.engine.api_key().expect("OpenAI mode has a key");
-                let addr = OpenAiRealtimeActor::new(
-                    call,
-                    leg_no,
-                    self.engine.openai_config_arc(),
-                    key,
-                    self.label.clone(),
-                )
-                .start();
-                UpstreamLeg {
-                    audio: addr.clone().recipient(),
-                    control: addr.clone().recipient(),
-                    stop: addr.clone().recipient(),
-                    ident: addr.recipient(),
-                }
-            }
-            UpstreamKind::Echo => {
-                let addr = EchoUpstream::new(call, leg_no).start();
-                UpstreamLeg {
-                    audio: addr.clone().recipient(),
-                    control: addr.clone().recipient(),
-                    stop: addr.clone().recipient(),
-                    ident: addr.recipient(),
-                }
-            }
-        };
+        let leg = (self.legs)(LegRequest {
+            port: LegPort {
+                events: call.clone().recipient(),
+                transcripts: call.recipient(),
+            },
+            twilio_audio: self.twilio.audio.clone(),
+            leg_no: self.leg_no,
+            label: self.label.clone(),
+            counters: self.counters.clone(),
+        });
         self.leg = Some(leg);
     }
 
-    fn on_leg_closed(&mut self, reason: String, ctx: &mut Context<Self>) {
-        self.leg = None;
-        self.apply(Event::UpstreamLost, ctx);
-        if let Some(ready_since) = self.ready_since.take() {
-            self.replay_upto = self.transcript.len();
-            if ready_since.elapsed() >= STABLE_LEG {
-                self.consecutive_failures = 0;
+    fn on_leg_ready(&mut self, leg_no: u32, ctx: &mut Context<Self>) {
+        self.leg_state = LegState::Ready;
+        self.ready_since = Some(Instant::now());
+        let Some(leg) = self.leg.clone() else { return };
+        // Caller audio goes leg to leg from now on.
+        self.twilio.route.do_send(RouteCallerAudio {
+            to: Some(leg.audio.clone()),
+        });
+        if leg_no == 0 {
+            log::info!(
+                "{} session configured ({}), audio can flow",
+                self.label,
+                self.engine.upstream().as_str()
+            );
+        } else {
+            log::info!(
+                "{} AI leg restarted (restart {}), session configured, audio flowing again",
+                self.label,
+                self.restarts.total
+            );
+            if self.engine.openai_config().replay_transcript_on_restart {
+                self.replay_transcript();
             }
         }
-        let budget = self.engine.openai_config().max_restarts;
-        if self.consecutive_failures >= budget {
-            log::error!(
-                "{} AI leg lost: {reason}; restart budget spent ({budget} restarts), ending the call",
-                self.label
-            );
-            self.end_call(
-                StopReason::UpstreamFailed(format!(
-                    "{reason} (after {} consecutive failed restarts)",
-                    self.consecutive_failures
-                )),
-                ctx,
-            );
-            return;
+        self.apply(Event::UpstreamReady, ctx);
+    }
+
+    fn on_leg_closed(&mut self, failure: LegFailure, ctx: &mut Context<Self>) {
+        // Stop audio at the source first: the Twilio leg holds caller audio until a new leg.
+        self.twilio.route.do_send(RouteCallerAudio { to: None });
+        self.leg = None;
+        self.apply(Event::UpstreamLost, ctx);
+        let ready_for = self.ready_since.take().map(|since| since.elapsed());
+        if ready_for.is_some() {
+            self.replay_upto = self.transcript.len();
         }
-        self.consecutive_failures += 1;
-        self.restarts += 1;
-        self.leg_no += 1;
-        self.leg_state = LegState::Restarting;
-        let delay = self
-            .engine
-            .openai_config()
-            .restart_delay_ms(self.consecutive_failures);
-        log::warn!(
-            "{} AI leg lost: {reason}; restarting in {delay} ms (attempt {} of {budget}); the caller stays connected",
-            self.label,
-            self.consecutive_failures
-        );
-        ctx.run_later(Duration::from_millis(delay), |act, ctx| act.start_leg(ctx));
+        let budget = self.restarts.max_restarts();
+        match self.restarts.on_leg_lost(&failure, ready_for) {
+            Decision::GiveUp { failures } => {
+                log::error!(
+                    "{} AI leg lost: {failure}; restart budget spent ({budget} restarts), ending the call",
+                    self.label
+                );
+                self.end_call(
+                    StopReason::UpstreamFailed(format!(
+                        "{failure} (after {failures} consecutive failed restarts)"
+                    )),
+                    ctx,
+                );
+            }
+            Decision::Restart { attempt, delay_ms } => {
+                self.leg_no += 1;
+                self.leg_state = LegState::Restarting;
+                log::warn!(
+                    "{} AI leg lost: {failure}; restarting in {delay_ms} ms (attempt {attempt} of {budget}); the caller stays connected",
+                    self.label
+                );
+                ctx.run_later(Duration::from_millis(delay_ms), |act, ctx| {
+                    act.start_leg(ctx)
+                });
+            }
+        }
     }
 
     /// Replays the conversation so far into a fresh session, so the assistant keeps its context.
@@ -375,31 +430,40 @@ impl CallActor {
             return;
         }
         self.ending = true;
-        let stats = &self.session.stats;
+        let c = &self.counters;
+        let dropped = DroppedFrames::from(c.as_ref());
         log::info!(
-            "{} call ended: {reason}; {} ms, frames in={} out={}, barge_ins={}, upstream_restarts={}, malformed={}, dropped={}",
+            "{} call ended ({}): {reason}; {} ms, frames in={} out={}, barge_ins={}, upstream_restarts={}, malformed={}, dropped: pre_start={} upstream_not_ready={} interrupted={} twilio_backpressure={} openai_backpressure={}",
             self.label,
+            reason.code(),
             self.started.elapsed().as_millis(),
-            stats.frames_in,
-            stats.frames_out,
-            stats.barge_ins,
-            self.restarts,
-            self.malformed_frames,
-            stats.dropped_pre_start + stats.dropped_upstream + stats.dropped_interrupted,
+            CallCounters::get(&c.frames_in),
+            CallCounters::get(&c.frames_out),
+            self.turns.barge_ins,
+            self.restarts.total,
+            CallCounters::get(&c.malformed_frames),
+            dropped.pre_start,
+            dropped.upstream_not_ready,
+            dropped.interrupted,
+            dropped.twilio_backpressure,
+            dropped.openai_backpressure,
         );
+        self.engine.registry().do_send(CallEnded {
+            reason: reason.code(),
+        });
         if let Some(leg) = self.leg.take() {
             leg.stop.do_send(Stop {
                 reason: reason.clone(),
             });
         }
-        if !matches!(reason, StopReason::TwilioStop | StopReason::TwilioClosed(_)) {
-            self.twilio.do_send(Stop { reason });
+        if !reason.twilio_gone() {
+            self.twilio.stop.do_send(Stop { reason });
         }
         ctx.stop();
     }
 
     fn snapshot(&self, with_transcript: bool) -> CallSnapshot {
-        let stats = &self.session.stats;
+        let c = &self.counters;
         CallSnapshot {
             call_sid: self.call_sid.clone(),
             stream_sid: self.stream_sid.clone(),
@@ -419,19 +483,20 @@ impl CallActor {
                 LegState::Ready => "ready",
                 LegState::Restarting => "restarting",
             },
-            frames_in: stats.frames_in,
-            frames_out: stats.frames_out,
-            barge_ins: stats.barge_ins,
-            upstream_restarts: self.restarts,
+            frames_in: CallCounters::get(&c.frames_in),
+            frames_out: CallCounters::get(&c.frames_out),
+            barge_ins: self.turns.barge_ins,
+            upstream_restarts: self.restarts.total,
             upstream_errors: self.upstream_errors,
-            malformed_frames: self.malformed_frames,
-            marks_pending: self.session.marks_pending(),
-            dropped_frames: DroppedFrames {
-                pre_start: stats.dropped_pre_start,
-                upstream_not_ready: stats.dropped_upstream,
-                interrupted: stats.dropped_interrupted,
+            malformed_frames: CallCounters::get(&c.malformed_frames),
+            marks_pending: CallCounters::get(&c.marks_pending) as usize,
+            dropped_frames: DroppedFrames::from(c.as_ref()),
+            queued: Queued {
+                twilio_ms: CallCounters::get(&c.twilio_queued_ms),
+                twilio_unconfirmed_ms: CallCounters::get(&c.unconfirmed_ms),
+                openai_events: CallCounters::get(&c.openai_queued),
             },
-            silence_filled_ms: stats.silence_filled_ms,
+            silence_filled_ms: CallCounters::get(&c.silence_filled_ms),
             transcript: with_transcript.then(|| self.transcript.iter().cloned().collect()),
         }
     }
@@ -441,6 +506,18 @@ impl CallActor {
             std::borrow::Cow::Owned(redact_number(number))
         } else {
             std::borrow::Cow::Borrowed(number)
+        }
+    }
+}
+
+impl From<&CallCounters> for DroppedFrames {
+    fn from(c: &CallCounters) -> Self {
+        DroppedFrames {
+            pre_start: CallCounters::get(&c.dropped_pre_start),
+            upstream_not_ready: CallCounters::get(&c.dropped_upstream_not_ready),
+            interrupted: CallCounters::get(&c.dropped_interrupted),
+            twilio_backpressure: CallCounters::get(&c.dropped_twilio_backpressure),
+            openai_backpressure: CallCounters::get(&c.dropped_openai_backpressure),
         }
     }
 }
@@ -497,7 +574,7 @@ impl Handler<StreamStarted> for CallActor {
             self.redact_number(&self.to),
             self.engine.upstream().as_str()
         );
-        self.twilio.do_send(CallIdentified {
+        self.twilio.ident.do_send(CallIdentified {
             label: self.label.clone(),
         });
         if let Some(leg) = &self.leg {
@@ -511,49 +588,6 @@ impl Handler<StreamStarted> for CallActor {
             snapshot: ctx.address().recipient(),
         });
         self.registered = true;
-        self.apply(Event::TwilioStarted, ctx);
-    }
-}
-
-/// Caller audio from Twilio.
-impl Handler<AudioIn> for CallActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: AudioIn, ctx: &mut Context<Self>) {
-        self.apply(
-            Event::CallerAudio {
-                payload: msg.payload,
-                bytes: msg.bytes,
-                timestamp_ms: msg.timestamp_ms,
-            },
-            ctx,
-        );
-    }
-}
-
-/// Assistant audio from the AI leg.
-impl Handler<AudioOut> for CallActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: AudioOut, ctx: &mut Context<Self>) {
-        self.apply(
-            Event::AssistantAudio {
-                response_id: msg.response_id,
-                item_id: msg.item_id,
-                payload: msg.payload,
-                bytes: msg.bytes,
-            },
-            ctx,
-        );
-    }
-}
-
-/// Twilio played (or flushed) the audio before a mark.
-impl Handler<MarkEchoed> for CallActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: MarkEchoed, ctx: &mut Context<Self>) {
-        self.apply(Event::MarkEchoed { name: msg.name }, ctx);
     }
 }
 
@@ -565,15 +599,6 @@ impl Handler<Dtmf> for CallActor {
         log::info!("{} dtmf: {}", self.label, msg.digit);
         self.record(Role::Dtmf, msg.digit.clone());
         self.apply(Event::Dtmf { digit: msg.digit }, ctx);
-    }
-}
-
-/// A frame from Twilio was rejected (the stream actor logged it).
-impl Handler<MalformedFrame> for CallActor {
-    type Result = ();
-
-    fn handle(&mut self, _: MalformedFrame, _: &mut Context<Self>) {
-        self.malformed_frames += 1;
     }
 }
 
@@ -600,29 +625,11 @@ impl Handler<UpstreamEvent> for CallActor {
                     log::info!("{} connected to OpenAI (leg {leg})", self.label);
                 }
             }
-            UpstreamEvent::Ready { leg } if leg == self.leg_no => {
-                self.leg_state = LegState::Ready;
-                self.ready_since = Some(Instant::now());
-                if leg == 0 {
-                    log::info!(
-                        "{} session configured ({}), audio can flow",
-                        self.label,
-                        self.engine.upstream().as_str()
-                    );
-                } else {
-                    log::info!(
-                        "{} AI leg restarted (restart {}), session configured, audio flowing again",
-                        self.label,
-                        self.restarts
-                    );
-                    if self.engine.openai_config().replay_transcript_on_restart {
-                        self.replay_transcript();
-                    }
-                }
-                self.apply(Event::UpstreamReady, ctx);
+            UpstreamEvent::Ready { leg } if leg == self.leg_no && !self.ending => {
+                self.on_leg_ready(leg, ctx)
             }
-            UpstreamEvent::Closed { leg, reason } if leg == self.leg_no && !self.ending => {
-                self.on_leg_closed(reason, ctx)
+            UpstreamEvent::Closed { leg, failure } if leg == self.leg_no && !self.ending => {
+                self.on_leg_closed(failure, ctx)
             }
             UpstreamEvent::SpeechStarted => self.apply(Event::SpeechStarted, ctx),
             UpstreamEvent::ResponseCreated { response_id } => {

@@ -156,14 +156,6 @@ impl OpenAiConfig {
     pub fn connect_url(&self) -> String {
         format!("{}?model={}", self.url, self.model)
     }
-
-    /// Delay before restart attempt `attempt` (1-based): exponential, capped.
-    pub fn restart_delay_ms(&self, attempt: u32) -> u64 {
-        let shift = attempt.saturating_sub(1).min(20);
-        self.restart_backoff_ms
-            .saturating_mul(1u64 << shift)
-            .min(self.restart_backoff_max_ms)
-    }
 }
 
 /// The `[call]` section: per-call buffers and bookkeeping.
@@ -194,6 +186,21 @@ pub struct CallConfig {
     pub redact_numbers_in_logs: bool,
     /// Write transcripts to the log (they are personal data).
     pub log_transcripts: bool,
+    /// A socket (Twilio's or OpenAI's) that accepts nothing for this long while we have
+    /// something to write is stalled: a stalled Twilio ends the call (`twilio_stalled`), a
+    /// stalled OpenAI leg is restarted, ms.
+    pub stall_timeout_ms: u64,
+    /// In OpenAI mode, assistant audio sent to Twilio and not yet confirmed played by a mark, at
+    /// most, ms. More waits in the Twilio leg's queue until marks confirm playback.
+    pub playback_budget_ms: u64,
+    /// Assistant audio waiting in the Twilio leg's queue (behind the playback budget or a slow
+    /// socket), at most, ms. When full, the oldest is dropped and counted.
+    pub twilio_queue_ms: u64,
+    /// Caller audio waiting in the OpenAI leg's write queue (a slow socket), at most, ms. When
+    /// full, the oldest appends are dropped and counted; control events are never dropped.
+    pub openai_queue_ms: u64,
+    /// A media stream that sends no `start` within this long is closed (with its AI leg), ms.
+    pub start_timeout_ms: u64,
 }
 
 impl Default for CallConfig {
@@ -209,6 +216,11 @@ impl Default for CallConfig {
             mark_interval_ms: 100,
             redact_numbers_in_logs: true,
             log_transcripts: true,
+            stall_timeout_ms: 5_000,
+            playback_budget_ms: 30_000,
+            twilio_queue_ms: 15_000,
+            openai_queue_ms: 2_000,
+            start_timeout_ms: 10_000,
         }
     }
 }
@@ -237,6 +249,36 @@ impl CallConfig {
             return Err(ConfigError::new(
                 "call.transcript_max_entries",
                 "must be greater than 0",
+            ));
+        }
+        if !(100..=600_000).contains(&self.stall_timeout_ms) {
+            return Err(ConfigError::new(
+                "call.stall_timeout_ms",
+                format!(
+                    "must be between 100 and 600000, got {}",
+                    self.stall_timeout_ms
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("call.playback_budget_ms", self.playback_budget_ms),
+            ("call.twilio_queue_ms", self.twilio_queue_ms),
+            ("call.openai_queue_ms", self.openai_queue_ms),
+        ] {
+            if !(100..=600_000).contains(&value) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("must be between 100 and 600000 (ms of audio per call), got {value}"),
+                ));
+            }
+        }
+        if !(100..=600_000).contains(&self.start_timeout_ms) {
+            return Err(ConfigError::new(
+                "call.start_timeout_ms",
+                format!(
+                    "must be between 100 and 600000, got {}",
+                    self.start_timeout_ms
+                ),
             ));
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_frame_bytes) {
@@ -291,17 +333,18 @@ mod tests {
         let err = cfg.validate().unwrap_err();
         assert_eq!(err.key, "openai.vad_threshold");
         assert!(err.to_string().contains("1.5"), "{err}");
-    }
-
-    #[test]
-    fn restart_delay_doubles_and_caps() {
-        let cfg = OpenAiConfig {
-            restart_backoff_ms: 100,
-            restart_backoff_max_ms: 1_000,
+        let cfg = CallConfig {
+            stall_timeout_ms: 0,
             ..Default::default()
         };
-        let delays: Vec<u64> = (1..=6).map(|n| cfg.restart_delay_ms(n)).collect();
-        assert_eq!(delays, vec![100, 200, 400, 800, 1_000, 1_000]);
+        assert_eq!(cfg.validate().unwrap_err().key, "call.stall_timeout_ms");
+        let cfg = CallConfig {
+            twilio_queue_ms: 10_000_000,
+            ..Default::default()
+        };
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.key, "call.twilio_queue_ms");
+        assert!(err.to_string().contains("10000000"), "{err}");
     }
 
     #[test]

@@ -2,29 +2,48 @@
 //!
 //! A telephony echo test that needs no OpenAI account: if the caller hears themselves, audio
 //! flows both ways through Twilio and the bridge. It takes the OpenAI leg's place and speaks the
-//! same messages, so the `CallActor` treats both alike.
+//! same messages, so the `CallActor` treats both alike: it is routed caller audio when ready and
+//! sends each chunk straight to the Twilio leg it was created with.
 
 use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::call::CallActor;
-use crate::messages::{AudioIn, AudioOut, CallIdentified, Stop, UpstreamCommand, UpstreamEvent};
+use crate::messages::{
+    AudioIn, AudioOut, CallCounters, CallIdentified, Stop, UpstreamCommand, UpstreamEvent,
+};
+use crate::openai_realtime::LegPort;
 
 pub struct EchoUpstream {
-    call: Addr<CallActor>,
+    call: LegPort,
     leg: u32,
+    counters: Arc<CallCounters>,
+    twilio: Recipient<AudioOut>,
     /// Every echoed chunk belongs to one endless "response".
     ids: Arc<str>,
 }
 
 impl EchoUpstream {
-    pub fn new(call: Addr<CallActor>, leg: u32) -> Self {
+    pub fn new(
+        call: LegPort,
+        leg: u32,
+        twilio: Recipient<AudioOut>,
+        counters: Arc<CallCounters>,
+    ) -> Self {
         Self {
             call,
             leg,
+            counters,
+            twilio,
             ids: Arc::from("echo"),
         }
+    }
+
+    /// Starts the leg with the same bounded mailbox as an OpenAI leg.
+    pub fn start_leg(self) -> Addr<Self> {
+        let mut ctx = Context::new();
+        ctx.set_mailbox_capacity(crate::openai_realtime::MAILBOX_CAPACITY);
+        ctx.run(self)
     }
 }
 
@@ -33,8 +52,11 @@ impl Actor for EchoUpstream {
 
     fn started(&mut self, _: &mut Context<Self>) {
         self.call
+            .events
             .do_send(UpstreamEvent::Connected { leg: self.leg });
-        self.call.do_send(UpstreamEvent::Ready { leg: self.leg });
+        self.call
+            .events
+            .do_send(UpstreamEvent::Ready { leg: self.leg });
     }
 }
 
@@ -43,12 +65,15 @@ impl Handler<AudioIn> for EchoUpstream {
     type Result = ();
 
     fn handle(&mut self, msg: AudioIn, _: &mut Context<Self>) {
-        self.call.do_send(AudioOut {
+        let audio = AudioOut {
             payload: msg.payload,
             bytes: msg.bytes,
             response_id: self.ids.clone(),
             item_id: self.ids.clone(),
-        });
+        };
+        if let Err(SendError::Full(_)) = self.twilio.try_send(audio) {
+            CallCounters::add(&self.counters.dropped_twilio_backpressure, 1);
+        }
     }
 }
 

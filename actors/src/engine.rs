@@ -89,8 +89,15 @@ impl Engine {
     ) -> Result<HttpResponse, actix_web::Error> {
         let instance = self.inner.next_instance.fetch_add(1, Ordering::Relaxed);
         let engine = self.clone();
-        twilio_stream::accept(req, payload, self.inner.call.max_frame_bytes, |twilio| {
-            CallActor::new(engine, instance, twilio)
-        })
+        // Marks (and the playback budget they measure) are only needed where a barge-in can
+        // truncate: with OpenAI, not with the echo.
+        let track_marks = self.inner.upstream == UpstreamKind::OpenAi;
+        twilio_stream::accept(
+            req,
+            payload,
+            &self.inner.call,
+            track_marks,
+            |twilio, counters| CallActor::new(engine, instance, twilio, counters),
+        )
     }
 }

@@ -47,4 +47,4 @@ pub mod twilio_stream;
 
 pub use config::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};
 pub use engine::Engine;
-pub use registry::{CallCount, CallRegistry, CallSnapshot, GetCall, ListCalls};
+pub use registry::{CallCount, CallRegistry, CallSnapshot, EndedCalls, GetCall, ListCalls};

@@ -1,35 +1,45 @@
 //! Every message that crosses actors, named as the design names them. Each says
 //! "sender → receiver: meaning". Actor-private messages (timer ticks) stay in the actor's file.
 //!
-//! Audio messages (`AudioIn`, `AudioOut`) go with `do_send` every 20 ms and never wait for a
-//! reply; the mailboxes they land in are bounded by the peers' pace and every buffer behind them
-//! is bounded in `session.rs`.
+//! Two planes:
+//! - **Audio** (`AudioIn`, `AudioOut`) goes leg to leg, 50 times a second per call, with
+//!   `try_send` on a `Recipient` the `CallActor` handed out: to the Twilio leg with
+//!   [`RouteCallerAudio`] when an AI session is ready (taken back when it is lost), and to each AI
+//!   leg when it is created (assistant audio only ever comes from a live session). `try_send` respects the receiver's mailbox capacity (set when
+//!   each leg starts); when it is full the frame is dropped and counted in [`CallCounters`],
+//!   never queued without bound. Payloads are `Bytes` slices of the frame they arrived in.
+//! - **Control** (everything else) goes through the `CallActor`, which makes every decision.
+//!   Control messages are rare (a few per turn) and go with `do_send`, or `send` where the answer
+//!   matters ([`ClearAudio`]).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use bytes::Bytes;
 use serde::Serialize;
 
 use crate::registry::CallSnapshot;
+use crate::session::restart::LegFailure;
 
-/// TwilioStreamActor → CallActor → upstream leg: a chunk of caller audio, base64 μ-law, checked.
+/// TwilioStreamActor → AI leg: a chunk of caller audio, base64 μ-law, checked canonical.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct AudioIn {
-    pub payload: String,
+    /// Base64 text: a slice of the Twilio frame it came in (or 20 ms of silence).
+    pub payload: Bytes,
     /// Bytes of audio in `payload`.
-    pub bytes: usize,
-    /// Twilio's `media.timestamp` (ms since the stream started), when known.
-    pub timestamp_ms: Option<u64>,
+    pub bytes: u32,
 }
 
-/// Upstream leg → CallActor → TwilioStreamActor: a chunk of assistant audio, base64 μ-law.
+/// AI leg → TwilioStreamActor: a chunk of assistant audio, base64 μ-law, checked canonical.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct AudioOut {
-    pub payload: String,
+    /// Base64 text: a slice of the OpenAI frame it came in.
+    pub payload: Bytes,
     /// Bytes of audio in `payload`.
-    pub bytes: usize,
+    pub bytes: u32,
     /// The response and item the audio belongs to (barge-in truncates by item).
     pub response_id: Arc<str>,
     pub item_id: Arc<str>,
@@ -55,7 +65,7 @@ impl Role {
     }
 }
 
-/// Upstream leg → CallActor: a line of the conversation as text.
+/// AI leg → CallActor: a line of the conversation as text.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
 pub struct Transcript {
@@ -70,10 +80,33 @@ pub enum StopReason {
     TwilioStop,
     /// The Twilio socket closed without `stop`.
     TwilioClosed(String),
+    /// The Twilio socket accepted nothing for `call.stall_timeout_ms` while audio waited.
+    TwilioStalled { ms: u64 },
+    /// The media stream connected but Twilio never sent `start`.
+    NoStart { ms: u64 },
     /// The AI leg failed more often than the restart budget allows.
     UpstreamFailed(String),
     /// The service is shutting down.
     Shutdown,
+}
+
+impl StopReason {
+    /// A short, stable name for `/calls` and the end-of-call log line.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StopReason::TwilioStop => "twilio_stop",
+            StopReason::TwilioClosed(_) => "twilio_closed",
+            StopReason::TwilioStalled { .. } => "twilio_stalled",
+            StopReason::NoStart { .. } => "no_start",
+            StopReason::UpstreamFailed(_) => "upstream_failed",
+            StopReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Whether the Twilio socket is already gone (nothing to close on that side).
+    pub fn twilio_gone(&self) -> bool {
+        matches!(self, StopReason::TwilioStop | StopReason::TwilioClosed(_))
+    }
 }
 
 impl std::fmt::Display for StopReason {
@@ -81,6 +114,13 @@ impl std::fmt::Display for StopReason {
         match self {
             StopReason::TwilioStop => write!(f, "caller hung up (Twilio stop)"),
             StopReason::TwilioClosed(why) => write!(f, "Twilio socket closed without stop: {why}"),
+            StopReason::TwilioStalled { ms } => write!(
+                f,
+                "twilio_stalled: the Twilio socket accepted nothing for {ms} ms"
+            ),
+            StopReason::NoStart { ms } => {
+                write!(f, "no_start: Twilio sent no start within {ms} ms")
+            }
             StopReason::UpstreamFailed(why) => write!(f, "AI leg failed: {why}"),
             StopReason::Shutdown => write!(f, "service shutting down"),
         }
@@ -108,40 +148,49 @@ pub struct Dtmf {
     pub digit: String,
 }
 
-/// TwilioStreamActor → CallActor: Twilio echoed a mark.
-#[derive(Message, Debug)]
+/// CallActor → TwilioStreamActor: where caller audio goes from now on. `Some`: a configured AI
+/// session (audio held meanwhile is sent to it first). `None`: the AI leg is gone; hold caller
+/// audio (bounded) and forget the lost session's item (it cannot be truncated any more).
+#[derive(Message)]
 #[rtype(result = "()")]
-pub struct MarkEchoed {
-    pub name: String,
+pub struct RouteCallerAudio {
+    pub to: Option<Recipient<AudioIn>>,
 }
 
-/// TwilioStreamActor → CallActor: a frame was rejected (already logged); count it.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct MalformedFrame;
-
-/// CallActor → TwilioStreamActor: play this assistant audio to the caller, then send `mark`
-/// (Twilio echoes it once the audio has played). An empty `payload` sends the mark alone.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct PlayAudio {
-    pub payload: String,
-    pub mark: Option<String>,
+/// CallActor → TwilioStreamActor: barge-in. Drop the caller's queued audio (`clear` to Twilio
+/// if any was sent), drop later chunks of `interrupted` (the response in flight), and answer
+/// with what the caller heard of the item that was playing.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "ClearOutcome")]
+pub struct ClearAudio {
+    pub interrupted: Option<Arc<str>>,
 }
 
-/// CallActor → TwilioStreamActor: drop the caller's buffered audio (barge-in).
+/// The Twilio leg's answer to [`ClearAudio`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, actix::MessageResponse)]
+pub struct ClearOutcome {
+    /// `clear` was sent to Twilio.
+    pub cleared: bool,
+    /// The item that was playing and the audio of it the caller heard, ms (marks confirmed).
+    pub truncate: Option<(Arc<str>, u64)>,
+    /// Audio was queued or playing: this speech interrupted the assistant.
+    pub interrupted_audio: bool,
+}
+
+/// CallActor → TwilioStreamActor: a response is done; mark the tail of its audio so its end is
+/// confirmed when it has played.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct ClearAudio;
+pub struct MarkTail;
 
-/// CallActor → TwilioStreamActor: the call SID is known; use it in log lines.
+/// CallActor → a leg: the call SID is known; use it in log lines.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct CallIdentified {
     pub label: Arc<str>,
 }
 
-/// CallActor → upstream leg: a control event for the AI session.
+/// CallActor → AI leg: a control event for the AI session.
 #[derive(Message, Debug, Clone, PartialEq)]
 #[rtype(result = "()")]
 pub enum UpstreamCommand {
@@ -157,7 +206,7 @@ pub enum UpstreamCommand {
     Truncate { item_id: String, audio_end_ms: u64 },
 }
 
-/// Upstream leg → CallActor: what happened in the AI session (other than audio and transcripts).
+/// AI leg → CallActor: what happened in the AI session (other than audio and transcripts).
 #[derive(Message, Debug, Clone, PartialEq)]
 #[rtype(result = "()")]
 pub enum UpstreamEvent {
@@ -183,10 +232,10 @@ pub enum UpstreamEvent {
         code: String,
         message: String,
     },
-    /// The leg is gone (connect failure, close, protocol error); it has stopped itself.
+    /// The leg is gone; it has stopped itself. The call decides whether a new leg follows.
     Closed {
         leg: u32,
-        reason: String,
+        failure: LegFailure,
     },
 }
 
@@ -196,4 +245,48 @@ pub enum UpstreamEvent {
 pub struct GetSnapshot {
     /// Include the transcript (for `/calls/{sid}`).
     pub with_transcript: bool,
+}
+
+/// The counters of one call, shared by its actors (all on one worker thread, so the relaxed
+/// atomics cost no more than plain adds). The legs count the audio they move and drop; the
+/// `CallActor` reads them for `/calls` and the end-of-call log line.
+#[derive(Debug, Default)]
+pub struct CallCounters {
+    /// Caller frames handed to an AI leg (silence fill included).
+    pub frames_in: AtomicU64,
+    /// Assistant frames written to Twilio.
+    pub frames_out: AtomicU64,
+    /// Frames from Twilio that could not be used (logged, skipped).
+    pub malformed_frames: AtomicU64,
+    /// Marks sent and not yet echoed (a gauge).
+    pub marks_pending: AtomicU64,
+    /// Assistant audio sent to Twilio and not yet confirmed played by a mark, ms (a gauge).
+    pub unconfirmed_ms: AtomicU64,
+    /// Assistant audio waiting in the Twilio leg's queue, ms (a gauge).
+    pub twilio_queued_ms: AtomicU64,
+    /// Events waiting in the AI leg's write queue (a gauge).
+    pub openai_queued: AtomicU64,
+    /// Silence inserted for caller audio lost before it reached us, ms.
+    pub silence_filled_ms: AtomicU64,
+    pub dropped_pre_start: AtomicU64,
+    pub dropped_upstream_not_ready: AtomicU64,
+    pub dropped_interrupted: AtomicU64,
+    /// Assistant audio dropped because Twilio did not take it fast enough.
+    pub dropped_twilio_backpressure: AtomicU64,
+    /// Caller audio dropped because OpenAI did not take it fast enough.
+    pub dropped_openai_backpressure: AtomicU64,
+}
+
+impl CallCounters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
 }

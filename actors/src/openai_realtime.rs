@@ -1,35 +1,56 @@
 //! `OpenAiRealtimeActor`: one connection ("leg") to the OpenAI Realtime API for one call.
 //!
 //! Lifecycle: connect (awc, HTTP/1.1, `Authorization: Bearer`) → send `session.update` → wait for
-//! `session.updated` → report `Ready`. From then on caller audio goes out as
-//! `input_audio_buffer.append` and server events come back as typed messages for the `CallActor`.
-//! The leg never restarts itself: on any failure (connect error, close, protocol error, no
-//! `session.updated` in time, a rejected `session.update`) it reports `Closed` once and stops, and
-//! the `CallActor` decides whether a new leg follows. That keeps the retry budget in one place.
+//! `session.updated` → report `Ready`. The `CallActor` then routes caller audio here
+//! ([`AudioIn`], from the Twilio leg directly). Deltas go straight to the Twilio leg's recipient,
+//! handed over when the leg was created, as [`AudioOut`] sliced out of the frame they arrived in,
+//! with `try_send` (a full mailbox drops and counts). Other server events go to the
+//! `CallActor` as typed messages.
+//!
+//! Writing: events for the socket wait in a bounded [`Outbox`], written by a future of this
+//! actor that feeds the socket only as fast as it takes them and flushes once per batch. When
+//! `call.openai_queue_ms` of appends wait, the oldest append is dropped and counted; control
+//! events are never dropped. A write that has waited `call.stall_timeout_ms` for the socket is a
+//! stall: the leg fails and the call restarts it.
+//!
+//! The leg never restarts itself: on any failure it reports `Closed` with a typed
+//! [`LegFailure`] once and stops, and the `CallActor` decides whether a new leg follows. That
+//! keeps the retry budget in one place.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
-use actix::io::{SinkWrite, WriteHandler};
 use actix::prelude::*;
 use actix_codec::Framed;
 use actix_http::ws::Item;
 use awc::error::WsProtocolError;
 use awc::ws::{self, CloseCode, Frame};
 use awc::BoxedSocket;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, StreamExt};
+use futures_util::SinkExt;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::call::CallActor;
-use crate::config::OpenAiConfig;
+use crate::call::LegRequest;
+use crate::config::{CallConfig, OpenAiConfig};
 use crate::messages::{
-    AudioIn, AudioOut, CallIdentified, Role, Stop, Transcript, UpstreamCommand, UpstreamEvent,
+    AudioIn, AudioOut, CallCounters, CallIdentified, Stop, Transcript, UpstreamCommand,
+    UpstreamEvent,
 };
 use crate::protocol::{base64_audio_len, openai as proto, openai::ServerEvent};
+use crate::session::restart::LegFailure;
 
 /// After asking the server to close, how long to wait for its close before dropping the socket.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// How often the stall check runs.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Caller frames the leg's mailbox holds; `try_send` into a full one drops and counts. Caller
+/// audio comes at 50 frames a second, so this is only reached if the leg is not polled.
+pub const MAILBOX_CAPACITY: usize = 64;
 
 /// Error codes after which this session cannot be used (the server closes it, or every later
 /// event would fail the same way).
@@ -40,16 +61,126 @@ const FATAL_CODES: &[&str] = &[
     "insufficient_quota",
 ];
 
-type WsSink = SinkWrite<ws::Message, SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>>;
+type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
+
+/// How an AI leg reaches its call. Recipients, so a test can stand in for the call.
+#[derive(Clone)]
+pub struct LegPort {
+    pub events: Recipient<UpstreamEvent>,
+    pub transcripts: Recipient<Transcript>,
+}
+
+/// The events waiting for the socket, bounded in appends.
+struct Outbox {
+    queue: VecDeque<(ws::Message, bool)>,
+    /// Appends in `queue`.
+    audio: usize,
+    max_audio: usize,
+    /// Messages fed since the last flush.
+    unflushed: bool,
+    close: bool,
+    waker: Option<Waker>,
+    /// A write has been waiting for the socket since then.
+    blocked_since: Option<Instant>,
+    counters: Arc<CallCounters>,
+}
+
+enum Next {
+    Send(ws::Message),
+    Flush,
+    Close,
+}
+
+impl Outbox {
+    fn push(&mut self, message: ws::Message, is_audio: bool) {
+        if is_audio {
+            if self.audio >= self.max_audio {
+                // The oldest append goes: the caller's latest words matter most.
+                if let Some(at) = self.queue.iter().position(|(_, audio)| *audio) {
+                    self.queue.remove(at);
+                    self.audio -= 1;
+                    CallCounters::add(&self.counters.dropped_openai_backpressure, 1);
+                }
+            }
+            self.audio += 1;
+        }
+        self.queue.push_back((message, is_audio));
+        CallCounters::set(&self.counters.openai_queued, self.queue.len() as u64);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Next> {
+        if let Some((message, is_audio)) = self.queue.pop_front() {
+            if is_audio {
+                self.audio -= 1;
+            }
+            self.unflushed = true;
+            CallCounters::set(&self.counters.openai_queued, self.queue.len() as u64);
+            return Poll::Ready(Next::Send(message));
+        }
+        if std::mem::take(&mut self.unflushed) {
+            return Poll::Ready(Next::Flush);
+        }
+        if self.close {
+            return Poll::Ready(Next::Close);
+        }
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// Feeds the socket from the outbox until it is closed or fails.
+async fn write_loop(outbox: Rc<RefCell<Outbox>>, mut sink: WsSink) -> Result<(), WsProtocolError> {
+    loop {
+        let next = std::future::poll_fn(|cx| outbox.borrow_mut().poll_next(cx)).await;
+        match next {
+            Next::Send(message) => timed(&outbox, sink.feed(message)).await?,
+            Next::Flush => timed(&outbox, sink.flush()).await?,
+            Next::Close => {
+                let _ = sink
+                    .send(ws::Message::Close(Some(CloseCode::Normal.into())))
+                    .await;
+                let _ = sink.close().await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Awaits `write`, noting in `blocked_since` when it had to wait for the socket.
+async fn timed<F: std::future::Future>(outbox: &Rc<RefCell<Outbox>>, write: F) -> F::Output {
+    let mut write = std::pin::pin!(write);
+    let mut first = true;
+    let output = std::future::poll_fn(|cx| {
+        let poll = write.as_mut().poll(cx);
+        if poll.is_pending() && first {
+            outbox.borrow_mut().blocked_since = Some(Instant::now());
+        }
+        first = false;
+        poll
+    })
+    .await;
+    outbox.borrow_mut().blocked_since = None;
+    output
+}
 
 pub struct OpenAiRealtimeActor {
-    call: Addr<CallActor>,
+    call: LegPort,
     /// Which leg of the call this is (0 first, then one per restart); stale reports are ignored.
     leg: u32,
     config: Arc<OpenAiConfig>,
     api_key: SecretString,
     label: Arc<str>,
-    sink: Option<WsSink>,
+    counters: Arc<CallCounters>,
+    stall_timeout: Duration,
+    outbox: Rc<RefCell<Outbox>>,
+    /// Where assistant audio goes (the Twilio leg, or a test's stand-in).
+    twilio: Option<Recipient<AudioOut>>,
+    connected: bool,
     /// `session.updated` received.
     ready: bool,
     /// `Closed` was reported, or the call asked us to stop: report nothing more.
@@ -62,19 +193,40 @@ pub struct OpenAiRealtimeActor {
 
 impl OpenAiRealtimeActor {
     pub fn new(
-        call: Addr<CallActor>,
-        leg: u32,
+        req: LegRequest,
         config: Arc<OpenAiConfig>,
+        call_config: &CallConfig,
         api_key: SecretString,
-        label: Arc<str>,
     ) -> Self {
+        let LegRequest {
+            port: call,
+            twilio_audio: twilio,
+            leg_no: leg,
+            label,
+            counters,
+        } = req;
+        // One append carries 20 ms of audio.
+        let max_audio = (call_config.openai_queue_ms / 20).max(1) as usize;
         Self {
             call,
             leg,
             config,
             api_key,
             label,
-            sink: None,
+            stall_timeout: Duration::from_millis(call_config.stall_timeout_ms),
+            outbox: Rc::new(RefCell::new(Outbox {
+                queue: VecDeque::new(),
+                audio: 0,
+                max_audio,
+                unflushed: false,
+                close: false,
+                waker: None,
+                blocked_since: None,
+                counters: counters.clone(),
+            })),
+            counters,
+            twilio: Some(twilio),
+            connected: false,
             ready: false,
             done: false,
             fragments: None,
@@ -82,35 +234,51 @@ impl OpenAiRealtimeActor {
         }
     }
 
+    /// Starts the leg with a bounded mailbox.
+    pub fn start_leg(self) -> Addr<Self> {
+        let mut ctx = Context::new();
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        ctx.run(self)
+    }
+
     fn send(&mut self, text: String) {
-        if let Some(sink) = self.sink.as_mut() {
-            if sink.write(ws::Message::Text(text.into())).is_err() {
-                log::debug!("{} OpenAI socket closed while sending", self.label);
-            }
+        if self.connected {
+            self.outbox
+                .borrow_mut()
+                .push(ws::Message::Text(text.into()), false);
         }
     }
 
     /// Reports the leg as gone (once) and stops.
-    fn fail(&mut self, ctx: &mut Context<Self>, reason: String) {
+    fn fail(&mut self, ctx: &mut Context<Self>, failure: LegFailure) {
         if !self.done {
             self.done = true;
-            self.call.do_send(UpstreamEvent::Closed {
+            let failure = scrub(failure, self.api_key.expose_secret());
+            self.call.events.do_send(UpstreamEvent::Closed {
                 leg: self.leg,
-                reason: redact(&reason, self.api_key.expose_secret()),
+                failure,
             });
         }
         ctx.stop();
     }
 
-    fn on_text(&mut self, text: &str, ctx: &mut Context<Self>) {
+    fn error(&self, code: &str, message: String) {
+        self.call.events.do_send(UpstreamEvent::Error {
+            code: code.into(),
+            message,
+        });
+    }
+
+    fn on_text(&mut self, frame: &Bytes, ctx: &mut Context<Self>) {
+        let Ok(text) = std::str::from_utf8(frame) else {
+            log::warn!("{} non-UTF-8 text from OpenAI", self.label);
+            return;
+        };
         let event = match proto::parse_server_event(text) {
             Ok(event) => event,
             Err(e) => {
                 log::warn!("{} unreadable event from OpenAI: {e}", self.label);
-                self.call.do_send(UpstreamEvent::Error {
-                    code: "unreadable_event".into(),
-                    message: e.to_string(),
-                });
+                self.error("unreadable_event", e.to_string());
                 return;
             }
         };
@@ -121,10 +289,10 @@ impl OpenAiRealtimeActor {
                 delta,
             } => {
                 let Some(bytes) = base64_audio_len(&delta) else {
-                    self.call.do_send(UpstreamEvent::Error {
-                        code: "bad_audio_delta".into(),
-                        message: format!("audio delta is not base64 ({} chars)", delta.len()),
-                    });
+                    self.error(
+                        "bad_audio_delta",
+                        format!("audio delta is not base64 ({} chars)", delta.len()),
+                    );
                     return;
                 };
                 let ids = match &self.current_ids {
@@ -138,33 +306,46 @@ impl OpenAiRealtimeActor {
                         ids
                     }
                 };
-                self.call.do_send(AudioOut {
-                    payload: delta.into_owned(),
-                    bytes,
+                let Some(twilio) = &self.twilio else {
+                    CallCounters::add(&self.counters.dropped_upstream_not_ready, 1);
+                    return;
+                };
+                // Zero-copy: the payload is a slice of the frame it came in.
+                let payload = match delta {
+                    std::borrow::Cow::Borrowed(s) => frame.slice_ref(s.as_bytes()),
+                    std::borrow::Cow::Owned(s) => Bytes::from(s),
+                };
+                let audio = AudioOut {
+                    payload,
+                    bytes: bytes as u32,
                     response_id: ids.0,
                     item_id: ids.1,
-                });
+                };
+                if let Err(SendError::Full(_)) = twilio.try_send(audio) {
+                    CallCounters::add(&self.counters.dropped_twilio_backpressure, 1);
+                }
             }
-            ServerEvent::SpeechStarted => self.call.do_send(UpstreamEvent::SpeechStarted),
+            ServerEvent::SpeechStarted => self.call.events.do_send(UpstreamEvent::SpeechStarted),
             ServerEvent::ResponseCreated { response_id } => self
                 .call
+                .events
                 .do_send(UpstreamEvent::ResponseCreated { response_id }),
             ServerEvent::ResponseDone {
                 response_id,
                 status,
-            } => self.call.do_send(UpstreamEvent::ResponseDone {
+            } => self.call.events.do_send(UpstreamEvent::ResponseDone {
                 response_id,
                 status,
             }),
             ServerEvent::AssistantTranscript { transcript } if !transcript.trim().is_empty() => {
-                self.call.do_send(Transcript {
-                    role: Role::Assistant,
+                self.call.transcripts.do_send(Transcript {
+                    role: crate::messages::Role::Assistant,
                     text: transcript,
                 })
             }
             ServerEvent::CallerTranscript { transcript } if !transcript.trim().is_empty() => {
-                self.call.do_send(Transcript {
-                    role: Role::Caller,
+                self.call.transcripts.do_send(Transcript {
+                    role: crate::messages::Role::Caller,
                     text: transcript,
                 })
             }
@@ -178,7 +359,9 @@ impl OpenAiRealtimeActor {
             ServerEvent::SessionUpdated => {
                 if !self.ready {
                     self.ready = true;
-                    self.call.do_send(UpstreamEvent::Ready { leg: self.leg });
+                    self.call
+                        .events
+                        .do_send(UpstreamEvent::Ready { leg: self.leg });
                 }
             }
             ServerEvent::Error {
@@ -192,15 +375,29 @@ impl OpenAiRealtimeActor {
                     // Without our configuration the model would read μ-law as 24 kHz PCM.
                     self.fail(
                         ctx,
-                        format!("OpenAI rejected session.update: {code}: {message}"),
+                        LegFailure::SessionRejected(format!("{code}: {message}")),
                     );
                 } else if FATAL_CODES.contains(&code.as_str()) {
-                    self.fail(ctx, format!("OpenAI error {code}: {message}"));
+                    self.fail(ctx, LegFailure::Fatal { code, message });
                 } else {
-                    self.call.do_send(UpstreamEvent::Error { code, message });
+                    self.call
+                        .events
+                        .do_send(UpstreamEvent::Error { code, message });
                 }
             }
             ServerEvent::Other { kind } => log::trace!("{} OpenAI event {kind}", self.label),
+        }
+    }
+
+    fn check_stall(&mut self, ctx: &mut Context<Self>) {
+        let blocked = self.outbox.borrow().blocked_since;
+        if blocked.is_some_and(|since| since.elapsed() >= self.stall_timeout) {
+            let ms = self.stall_timeout.as_millis() as u64;
+            log::warn!(
+                "{} OpenAI socket accepted nothing for {ms} ms: leg failed",
+                self.label
+            );
+            self.fail(ctx, LegFailure::Stalled { ms });
         }
     }
 }
@@ -270,45 +467,45 @@ impl Actor for OpenAiRealtimeActor {
                     }
                     let (sink, stream) = framed.split();
                     ctx.add_stream(stream);
-                    act.sink = Some(SinkWrite::new(sink, ctx));
-                    act.call.do_send(UpstreamEvent::Connected { leg: act.leg });
+                    act.connected = true;
+                    write_loop(act.outbox.clone(), sink)
+                        .into_actor(act)
+                        .map(|result, act, ctx| {
+                            if let Err(e) = result {
+                                act.fail(ctx, LegFailure::Protocol(format!("write: {e}")));
+                            }
+                        })
+                        .spawn(ctx);
+                    act.call
+                        .events
+                        .do_send(UpstreamEvent::Connected { leg: act.leg });
                     // Events on one socket are ordered: the update is in force before any audio.
                     let update = proto::session_update(&act.config);
                     act.send(update);
                 }
                 Err(awc::error::WsClientError::InvalidResponseStatus(status)) => act.fail(
                     ctx,
-                    format!("connect to OpenAI failed: HTTP {status} instead of 101 (401: check OPENAI_API_KEY)"),
+                    LegFailure::HandshakeStatus {
+                        status: status.as_u16(),
+                    },
                 ),
-                Err(e) => act.fail(ctx, format!("connect to OpenAI failed: {e}")),
+                Err(e) => act.fail(ctx, LegFailure::Connect(e.to_string())),
             })
             .spawn(ctx);
         ctx.run_later(timeout, |act, ctx| {
             if !act.ready && !act.done {
-                let reason = format!(
-                    "no session.updated within {} ms",
-                    act.config.connect_timeout_ms
-                );
-                act.fail(ctx, reason);
+                let ms = act.config.connect_timeout_ms;
+                act.fail(ctx, LegFailure::NotConfigured { ms });
             }
         });
-    }
-}
-
-impl WriteHandler<WsProtocolError> for OpenAiRealtimeActor {
-    fn error(&mut self, err: WsProtocolError, ctx: &mut Self::Context) -> Running {
-        self.fail(ctx, format!("write to OpenAI failed: {err}"));
-        Running::Stop
+        ctx.run_interval(CHECK_EVERY, |act, ctx| act.check_stall(ctx));
     }
 }
 
 impl StreamHandler<Result<Frame, WsProtocolError>> for OpenAiRealtimeActor {
     fn handle(&mut self, frame: Result<Frame, WsProtocolError>, ctx: &mut Context<Self>) {
         match frame {
-            Ok(Frame::Text(bytes)) => match std::str::from_utf8(&bytes) {
-                Ok(text) => self.on_text(text, ctx),
-                Err(_) => log::warn!("{} non-UTF-8 text frame from OpenAI", self.label),
-            },
+            Ok(Frame::Text(bytes)) => self.on_text(&bytes, ctx),
             Ok(Frame::Continuation(item)) => match item {
                 Item::FirstText(b) => self.fragments = Some(BytesMut::from(&b[..])),
                 Item::FirstBinary(_) => self.fragments = None,
@@ -325,10 +522,7 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for OpenAiRealtimeActor {
                 Item::Last(b) => {
                     if let Some(mut buf) = self.fragments.take() {
                         buf.extend_from_slice(&b);
-                        match std::str::from_utf8(&buf) {
-                            Ok(text) => self.on_text(text, ctx),
-                            Err(_) => log::warn!("{} non-UTF-8 text from OpenAI", self.label),
-                        }
+                        self.on_text(&buf.freeze(), ctx);
                     }
                 }
             },
@@ -341,28 +535,22 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for OpenAiRealtimeActor {
             }
             Ok(Frame::Ping(p)) => {
                 // awc does not answer pings by itself.
-                if let Some(sink) = self.sink.as_mut() {
-                    let _ = sink.write(ws::Message::Pong(p));
-                }
+                self.outbox.borrow_mut().push(ws::Message::Pong(p), false);
             }
             Ok(Frame::Pong(_)) => {}
             Ok(Frame::Close(reason)) => {
                 let reason = match reason {
-                    Some(r) => format!(
-                        "OpenAI closed the socket: {:?} {}",
-                        r.code,
-                        r.description.unwrap_or_default()
-                    ),
-                    None => "OpenAI closed the socket".to_string(),
+                    Some(r) => format!("{:?} {}", r.code, r.description.unwrap_or_default()),
+                    None => "no close code".to_string(),
                 };
-                self.fail(ctx, reason);
+                self.fail(ctx, LegFailure::Closed(reason));
             }
-            Err(e) => self.fail(ctx, format!("websocket protocol error from OpenAI: {e}")),
+            Err(e) => self.fail(ctx, LegFailure::Protocol(e.to_string())),
         }
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        self.fail(ctx, "OpenAI socket ended".into());
+        self.fail(ctx, LegFailure::Closed("socket ended".into()));
     }
 }
 
@@ -371,8 +559,16 @@ impl Handler<AudioIn> for OpenAiRealtimeActor {
     type Result = ();
 
     fn handle(&mut self, msg: AudioIn, _: &mut Context<Self>) {
-        let event = proto::audio_append(&msg.payload);
-        self.send(event);
+        if !self.connected {
+            CallCounters::add(&self.counters.dropped_upstream_not_ready, 1);
+            return;
+        }
+        // invariant: the Twilio leg forwards only checked base64 (ASCII).
+        let audio = std::str::from_utf8(&msg.payload).unwrap_or_default();
+        let event = proto::audio_append(audio);
+        self.outbox
+            .borrow_mut()
+            .push(ws::Message::Text(event.into()), true);
     }
 }
 
@@ -412,15 +608,37 @@ impl Handler<Stop> for OpenAiRealtimeActor {
 
     fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
         self.done = true;
-        match self.sink.as_mut() {
-            Some(sink) => {
-                let _ = sink.write(ws::Message::Close(Some(CloseCode::Normal.into())));
-                sink.close();
-                // The server answers with its close and the stream ends; do not wait forever.
-                ctx.run_later(CLOSE_GRACE, |_, ctx| ctx.stop());
+        self.twilio = None;
+        if self.connected {
+            let mut outbox = self.outbox.borrow_mut();
+            // What waits is of no use any more: only the close goes out.
+            outbox.queue.clear();
+            outbox.audio = 0;
+            outbox.close = true;
+            if let Some(waker) = outbox.waker.take() {
+                waker.wake();
             }
-            None => ctx.stop(),
+            drop(outbox);
+            // The server answers with its close and the stream ends; do not wait forever.
+            ctx.run_later(CLOSE_GRACE, |_, ctx| ctx.stop());
+        } else {
+            ctx.stop();
         }
+    }
+}
+
+/// Scrubs the key out of a failure's text.
+fn scrub(failure: LegFailure, key: &str) -> LegFailure {
+    match failure {
+        LegFailure::Connect(s) => LegFailure::Connect(redact(&s, key)),
+        LegFailure::SessionRejected(s) => LegFailure::SessionRejected(redact(&s, key)),
+        LegFailure::Fatal { code, message } => LegFailure::Fatal {
+            code,
+            message: redact(&message, key),
+        },
+        LegFailure::Closed(s) => LegFailure::Closed(redact(&s, key)),
+        LegFailure::Protocol(s) => LegFailure::Protocol(redact(&s, key)),
+        other => other,
     }
 }
 
@@ -447,7 +665,7 @@ pub fn redact(text: &str, key: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::*;
 
     #[test]
     fn redact_removes_keys_whole_or_partial() {
@@ -461,5 +679,61 @@ mod tests {
             "Incorrect API key provided: sk-[redacted]"
         );
         assert_eq!(redact("nothing secret", key), "nothing secret");
+    }
+
+    fn outbox(max_audio: usize) -> Outbox {
+        Outbox {
+            queue: VecDeque::new(),
+            audio: 0,
+            max_audio,
+            unflushed: false,
+            close: false,
+            waker: None,
+            blocked_since: None,
+            counters: Arc::new(CallCounters::default()),
+        }
+    }
+
+    fn text(m: &ws::Message) -> String {
+        match m {
+            ws::Message::Text(t) => t.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn a_full_outbox_drops_the_oldest_append_and_never_a_control_event() {
+        let mut o = outbox(2);
+        o.push(ws::Message::Text("update".into()), false);
+        o.push(ws::Message::Text("a1".into()), true);
+        o.push(ws::Message::Text("a2".into()), true);
+        o.push(ws::Message::Text("truncate".into()), false);
+        o.push(ws::Message::Text("a3".into()), true);
+        let left: Vec<String> = o.queue.iter().map(|(m, _)| text(m)).collect();
+        assert_eq!(left, vec!["update", "a2", "truncate", "a3"]);
+        assert_eq!(
+            CallCounters::get(&o.counters.dropped_openai_backpressure),
+            1
+        );
+        assert_eq!(CallCounters::get(&o.counters.openai_queued), 4);
+    }
+
+    #[test]
+    fn the_outbox_flushes_once_per_batch_then_waits() {
+        let mut o = outbox(10);
+        o.push(ws::Message::Text("a1".into()), true);
+        o.push(ws::Message::Text("a2".into()), true);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let kinds: Vec<&str> = (0..4)
+            .map(|_| match o.poll_next(&mut cx) {
+                Poll::Ready(Next::Send(_)) => "send",
+                Poll::Ready(Next::Flush) => "flush",
+                Poll::Ready(Next::Close) => "close",
+                Poll::Pending => "pending",
+            })
+            .collect();
+        assert_eq!(kinds, vec!["send", "send", "flush", "pending"]);
+        assert_eq!(o.audio, 0);
     }
 }

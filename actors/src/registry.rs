@@ -64,6 +64,7 @@ pub struct CallSnapshot {
     /// Marks sent to Twilio and not yet echoed: audio still queued for the caller.
     pub marks_pending: usize,
     pub dropped_frames: DroppedFrames,
+    pub queued: Queued,
     /// Caller audio lost on the way from Twilio (a jump in `media.timestamp`), replaced with
     /// silence so the model's voice detection keeps its clock, ms.
     pub silence_filled_ms: u64,
@@ -78,8 +79,25 @@ pub struct DroppedFrames {
     pub pre_start: u64,
     /// Caller audio over `call.upstream_buffer_ms` while the AI leg was not ready.
     pub upstream_not_ready: u64,
-    /// Late audio of a response the caller interrupted.
+    /// Late audio of a response the caller interrupted (and audio queued when it was cleared).
     pub interrupted: u64,
+    /// Assistant audio dropped because Twilio did not take it: the playback queue
+    /// (`call.twilio_queue_ms`) was full, or the Twilio leg's mailbox was.
+    pub twilio_backpressure: u64,
+    /// Caller audio dropped because OpenAI did not take it: the leg's write queue
+    /// (`call.openai_queue_ms`) was full, or its mailbox was.
+    pub openai_backpressure: u64,
+}
+
+/// Audio waiting inside the bridge right now (gauges).
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct Queued {
+    /// Assistant audio in the Twilio leg's queue, ms.
+    pub twilio_ms: u64,
+    /// Assistant audio sent to Twilio and not yet confirmed played by a mark, ms.
+    pub twilio_unconfirmed_ms: u64,
+    /// Events in the OpenAI leg's write queue.
+    pub openai_events: u64,
 }
 
 /// CallActor → CallRegistry: this call is live.
@@ -99,6 +117,19 @@ pub struct Unregister {
     pub call_sid: String,
     pub instance: u64,
 }
+
+/// CallActor → CallRegistry: a call ended (registered or not), for the counts by reason.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CallEnded {
+    /// [`crate::messages::StopReason::code`].
+    pub reason: &'static str,
+}
+
+/// HTTP shell → CallRegistry: how many calls ended, by reason, since start-up.
+#[derive(Message)]
+#[rtype(result = "std::collections::BTreeMap<&'static str, u64>")]
+pub struct EndedCalls;
 
 /// HTTP shell → CallRegistry: snapshots of every live call, oldest first.
 #[derive(Message)]
@@ -120,6 +151,7 @@ pub struct CallCount;
 #[derive(Default)]
 pub struct CallRegistry {
     calls: HashMap<String, (u64, Recipient<GetSnapshot>)>,
+    ended: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl Actor for CallRegistry {
@@ -212,6 +244,24 @@ impl Handler<GetCall> for CallRegistry {
     }
 }
 
+/// Counts an ended call by its reason.
+impl Handler<CallEnded> for CallRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: CallEnded, _: &mut Context<Self>) {
+        *self.ended.entry(msg.reason).or_default() += 1;
+    }
+}
+
+/// The counts of ended calls by reason.
+impl Handler<EndedCalls> for CallRegistry {
+    type Result = MessageResult<EndedCalls>;
+
+    fn handle(&mut self, _: EndedCalls, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.ended.clone())
+    }
+}
+
 impl Handler<CallCount> for CallRegistry {
     type Result = usize;
 
@@ -252,6 +302,7 @@ mod tests {
                 malformed_frames: 0,
                 marks_pending: 0,
                 dropped_frames: DroppedFrames::default(),
+                queued: Queued::default(),
                 silence_filled_ms: 0,
                 transcript: msg.with_transcript.then(Vec::new),
             })

@@ -1,83 +1,311 @@
 //! `TwilioStreamActor`: the Twilio Media Streams websocket of one call.
 //!
-//! It reads Twilio's frames, turns them into typed messages for its `CallActor`, and writes the
-//! `media` / `mark` / `clear` messages the call sends back. It holds no call logic. A frame it
-//! cannot use (not JSON, binary, unknown event, missing field, media before `start`) is logged
-//! with the call SID, counted, and skipped: the call goes on.
+//! It reads Twilio's frames and writes `media` / `mark` / `clear` back. It holds no call logic
+//! beyond what its own facts decide, in two pure modules: [`Inbound`] (caller audio held while no
+//! AI session is routed, silence for lost audio) and [`Playback`] (pre-start hold, playback
+//! budget, marks, `clear`, the truncate point). Caller audio goes straight to the AI leg the
+//! `CallActor` routed it to ([`RouteCallerAudio`]); assistant audio arrives straight from the AI
+//! leg ([`AudioOut`]). `start`, digits and the end go to the `CallActor`. A frame it cannot use
+//! (not JSON, binary, unknown event, missing field, media before `start`) is logged with the call
+//! SID, counted, and skipped: the call goes on.
 //!
-//! This is the only file that uses `actix-web-actors` (deprecated upstream in favour of
-//! `actix-ws`): moving is a change to this file alone.
+//! Writing, and why this leg uses `actix-ws` rather than `actix-web-actors`: with
+//! actix-web-actors the actor's context is the response body, so when Twilio stops reading, the
+//! actor is not polled at all: its mailbox, timers and idle check freeze while `do_send` keeps
+//! queueing audio without bound. Here the socket is written by a small task of its own that
+//! pulls the next message from the shared [`Playback`] only when the socket took the previous
+//! one (actix-ws's channel holds 32 messages; actix-http's write buffer 32 KiB). The actor stays
+//! live while the socket is back-pressured: audio beyond the budget waits in the bounded queue
+//! (oldest dropped, counted), and the watchdog sees how long a write has been waiting.
+//!
+//! This is the only file that knows the websocket library of the Twilio leg.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::{HttpRequest, HttpResponse};
-use actix_web_actors::ws;
+use actix_ws::{CloseCode, CloseReason, Message, ProtocolError};
+use bytes::Bytes;
+use bytestring::ByteString;
 
-use crate::call::CallActor;
+use crate::config::CallConfig;
 use crate::messages::{
-    AudioIn, CallIdentified, ClearAudio, Dtmf, MalformedFrame, MarkEchoed, PlayAudio, Stop,
-    StopReason, StreamStarted,
+    AudioIn, AudioOut, CallCounters, CallIdentified, ClearAudio, ClearOutcome, Dtmf, MarkTail,
+    RouteCallerAudio, Stop, StopReason, StreamStarted,
 };
 use crate::protocol::twilio::{self, Outbound, TwilioEvent};
+use crate::session::inbound::{Inbound, InboundConfig};
+use crate::session::playback::{Chunk, Playback, PlaybackConfig, Wire};
+use crate::session::BYTES_PER_MS;
 
 /// Twilio sends a media frame every 20 ms for the whole call; this long without any frame means
 /// the connection is dead even if TCP has not noticed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the idle check runs.
-const IDLE_CHECK: Duration = Duration::from_secs(5);
+/// How often the idle and stall checks run.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Audio messages the leg's mailbox holds. OpenAI sends a response's audio in bursts faster than
+/// real time; the mailbox only has to absorb what arrives between two polls of this actor (the
+/// playback queue behind it is the real buffer). `try_send` into a full mailbox drops and counts.
+pub const MAILBOX_CAPACITY: usize = 256;
 
-/// Upgrades `req` to the Media Streams websocket and starts the call that owns it: `make_call`
-/// builds the `CallActor` given its stream's address. Returns the 101 response, or the handshake
-/// error as an HTTP error (no actor is started then).
-pub fn accept(
+/// What the Twilio leg tells its call. Recipients, so a test can stand in for the call.
+#[derive(Clone)]
+pub struct CallPort {
+    pub started: Recipient<StreamStarted>,
+    pub dtmf: Recipient<Dtmf>,
+    pub stop: Recipient<Stop>,
+}
+
+/// How the call reaches its Twilio leg. Recipients, so a test can stand in for the leg.
+#[derive(Clone)]
+pub struct TwilioPort {
+    pub audio: Recipient<AudioOut>,
+    pub route: Recipient<RouteCallerAudio>,
+    pub clear: Recipient<ClearAudio>,
+    pub mark_tail: Recipient<MarkTail>,
+    pub ident: Recipient<CallIdentified>,
+    pub stop: Recipient<Stop>,
+}
+
+impl TwilioPort {
+    pub fn of(addr: &Addr<TwilioStreamActor>) -> Self {
+        Self {
+            audio: addr.clone().recipient(),
+            route: addr.clone().recipient(),
+            clear: addr.clone().recipient(),
+            mark_tail: addr.clone().recipient(),
+            ident: addr.clone().recipient(),
+            stop: addr.clone().recipient(),
+        }
+    }
+}
+
+/// Upgrades `req` to the Media Streams websocket and starts the leg and the call that owns it:
+/// `make_call` builds the call given how to reach its leg and the call's shared counters.
+/// Returns the 101 response, or the handshake error as an HTTP error (no actor is started).
+pub fn accept<A>(
     req: &HttpRequest,
     payload: actix_web::web::Payload,
-    max_frame_bytes: usize,
-    make_call: impl FnOnce(Addr<TwilioStreamActor>) -> CallActor,
-) -> Result<HttpResponse, actix_web::Error> {
-    // The call and the stream each need the other's address: create the call's context first so
-    // its address exists, start the stream with it, then run the call in that context.
-    let call_ctx: Context<CallActor> = Context::new();
-    let stream = TwilioStreamActor::new(call_ctx.address());
-    let (stream_addr, response) = ws::WsResponseBuilder::new(stream, req, payload)
-        .frame_size(max_frame_bytes)
-        .start_with_addr()?;
-    call_ctx.run(make_call(stream_addr));
+    cfg: &CallConfig,
+    track_marks: bool,
+    make_call: impl FnOnce(TwilioPort, Arc<CallCounters>) -> A,
+) -> Result<HttpResponse, actix_web::Error>
+where
+    A: Actor<Context = Context<A>> + Handler<StreamStarted> + Handler<Dtmf> + Handler<Stop>,
+{
+    let (response, session, stream) = actix_ws::handle(req, payload)?;
+    let stream = stream.max_frame_size(cfg.max_frame_bytes);
+    let counters = Arc::new(CallCounters::default());
+    // The call and the leg each need the other's address: create both contexts first.
+    let call_ctx: Context<A> = Context::new();
+    let mut leg_ctx: Context<TwilioStreamActor> = Context::new();
+    leg_ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+    let call = call_ctx.address();
+    let port = CallPort {
+        started: call.clone().recipient(),
+        dtmf: call.clone().recipient(),
+        stop: call.recipient(),
+    };
+    let leg = TwilioStreamActor::new(port, session, counters.clone(), cfg, track_marks);
+    leg_ctx.add_stream(stream);
+    let leg_port = TwilioPort::of(&leg_ctx.address());
+    leg_ctx.run(leg);
+    call_ctx.run(make_call(leg_port, counters));
     Ok(response)
+}
+
+/// A message for the socket, in the order the writer takes them.
+enum Outgoing {
+    Text(ByteString),
+    Pong(Bytes),
+    Close(Option<CloseReason>),
+}
+
+/// What the actor and its writer task share (both run on the call's worker thread).
+struct Writer {
+    playback: Playback,
+    /// Set by `start`; nothing is sent to Twilio before it.
+    outbound: Option<Outbound>,
+    /// `clear`, pongs and the close go before any further audio.
+    urgent: std::collections::VecDeque<Outgoing>,
+    /// The mark that follows the media just written.
+    mark_after: Option<String>,
+    /// The writer is idle and waits for this to be woken.
+    waker: Option<Waker>,
+    /// A write has been waiting for the socket since then.
+    blocked_since: Option<Instant>,
+    /// The socket is gone (a write failed) or closed.
+    done: bool,
+    counters: Arc<CallCounters>,
+}
+
+impl Writer {
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// The next message the socket may have, or `Pending` (the waker is kept).
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Outgoing> {
+        if let Some(message) = self.urgent.pop_front() {
+            return Poll::Ready(message);
+        }
+        if let Some(outbound) = &self.outbound {
+            if let Some(name) = self.mark_after.take() {
+                return Poll::Ready(Outgoing::Text(outbound.mark(&name).into()));
+            }
+            if let Some(wire) = self.playback.next_wire() {
+                let text = match wire {
+                    Wire::Media { payload, mark } => {
+                        self.mark_after = mark;
+                        // invariant: payloads are checked base64 (ASCII) before they get here.
+                        outbound.media(std::str::from_utf8(&payload).unwrap_or_default())
+                    }
+                    Wire::Mark(name) => outbound.mark(&name),
+                };
+                self.publish();
+                return Poll::Ready(Outgoing::Text(text.into()));
+            }
+        }
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Folds the playback's counts into the call's counters and refreshes the gauges.
+    fn publish(&mut self) {
+        let c = &self.counters;
+        let counts = self.playback.take_counts();
+        CallCounters::add(&c.frames_out, counts.frames_out);
+        CallCounters::add(&c.dropped_pre_start, counts.dropped_pre_start);
+        CallCounters::add(&c.dropped_interrupted, counts.dropped_interrupted);
+        CallCounters::add(&c.dropped_twilio_backpressure, counts.dropped_backpressure);
+        CallCounters::set(&c.marks_pending, self.playback.marks_pending() as u64);
+        CallCounters::set(&c.unconfirmed_ms, self.playback.unconfirmed_ms());
+        CallCounters::set(&c.twilio_queued_ms, self.playback.queued_ms());
+    }
+}
+
+/// Writes what the shared state has for the socket, one message at a time, until the socket is
+/// closed. A write that does not complete at once (actix-ws's channel is full because the
+/// socket is not taking data) is timed for the watchdog.
+async fn write_loop(shared: Rc<RefCell<Writer>>, mut session: actix_ws::Session) {
+    loop {
+        let next = std::future::poll_fn(|cx| shared.borrow_mut().poll_next(cx)).await;
+        let result = match next {
+            Outgoing::Text(text) => timed(&shared, session.text(text)).await,
+            Outgoing::Pong(data) => timed(&shared, session.pong(&data)).await,
+            Outgoing::Close(reason) => {
+                let _ = session.close(reason).await;
+                break;
+            }
+        };
+        if result.is_err() {
+            break;
+        }
+    }
+    shared.borrow_mut().done = true;
+}
+
+/// Awaits `write`, noting in `blocked_since` when it had to wait for the socket.
+async fn timed<F: std::future::Future>(shared: &Rc<RefCell<Writer>>, write: F) -> F::Output {
+    let mut write = std::pin::pin!(write);
+    let mut first = true;
+    let output = std::future::poll_fn(|cx| {
+        let poll = write.as_mut().poll(cx);
+        if poll.is_pending() && first {
+            shared.borrow_mut().blocked_since = Some(Instant::now());
+        }
+        first = false;
+        poll
+    })
+    .await;
+    shared.borrow_mut().blocked_since = None;
+    output
 }
 
 /// The websocket of one call's Twilio leg.
 pub struct TwilioStreamActor {
-    call: Addr<CallActor>,
-    /// `[CA…]` once `start` names the call; a connection number before.
+    call: CallPort,
+    /// `[CA…]` once `start` names the call; `[pending]` before.
     label: Arc<str>,
-    /// Set by `start`; nothing is sent to Twilio before it.
-    out: Option<Outbound>,
+    counters: Arc<CallCounters>,
+    writer: Rc<RefCell<Writer>>,
+    /// Until the actor starts, the socket's session; then the writer task owns it.
+    session: Option<actix_ws::Session>,
+    write_task: Option<actix_rt::task::JoinHandle<()>>,
+    inbound: Inbound,
+    /// The configured AI session caller audio goes to.
+    ai: Option<Recipient<AudioIn>>,
+    /// Reused for every frame (silence fill + the frame), so the audio path allocates no vector.
+    forward: Vec<(Bytes, u32)>,
+    started: bool,
     last_frame: Instant,
+    stall_timeout: Duration,
+    start_timeout: Duration,
     malformed: u64,
-    /// Twilio said `stop`: a close that follows is the normal end, not a failure.
-    stopped_by_twilio: bool,
-    /// The call asked us to close: do not report the close back to it.
-    closed_by_call: bool,
+    /// Twilio said `stop`, or the call asked us to close: a close that follows is expected.
+    ending: bool,
+    /// The call knows we are gone (it told us, or we told it).
+    call_told: bool,
 }
 
 impl TwilioStreamActor {
-    pub fn new(call: Addr<CallActor>) -> Self {
+    pub fn new(
+        call: CallPort,
+        session: actix_ws::Session,
+        counters: Arc<CallCounters>,
+        cfg: &CallConfig,
+        track_marks: bool,
+    ) -> Self {
+        let playback = Playback::new(PlaybackConfig {
+            pre_start_bytes: cfg.pre_start_buffer_ms * BYTES_PER_MS,
+            track_marks,
+            mark_interval_bytes: cfg.mark_interval_ms * BYTES_PER_MS,
+            budget_bytes: cfg.playback_budget_ms * BYTES_PER_MS,
+            queue_bytes: cfg.twilio_queue_ms * BYTES_PER_MS,
+        });
         Self {
             call,
             label: Arc::from("[pending]"),
-            out: None,
+            writer: Rc::new(RefCell::new(Writer {
+                playback,
+                outbound: None,
+                urgent: Default::default(),
+                mark_after: None,
+                waker: None,
+                blocked_since: None,
+                done: false,
+                counters: counters.clone(),
+            })),
+            counters,
+            session: Some(session),
+            write_task: None,
+            inbound: Inbound::new(InboundConfig {
+                hold_bytes: cfg.upstream_buffer_ms * BYTES_PER_MS,
+                fill_gaps_max_ms: cfg.fill_gaps_max_ms,
+            }),
+            ai: None,
+            forward: Vec::with_capacity(8),
+            started: false,
             last_frame: Instant::now(),
+            stall_timeout: Duration::from_millis(cfg.stall_timeout_ms),
+            start_timeout: Duration::from_millis(cfg.start_timeout_ms),
             malformed: 0,
-            stopped_by_twilio: false,
-            closed_by_call: false,
+            ending: false,
+            call_told: false,
         }
     }
 
     fn malformed(&mut self, what: impl std::fmt::Display) {
         self.malformed += 1;
+        CallCounters::add(&self.counters.malformed_frames, 1);
         // The first few are worth a warning each; a peer that sends garbage at 50 frames/s must
         // not flood the log, so later ones go to debug with a running count.
         if self.malformed <= 5 || self.malformed % 100 == 0 {
@@ -89,33 +317,42 @@ impl TwilioStreamActor {
         } else {
             log::debug!("{} malformed frame from Twilio: {what}", self.label);
         }
-        self.call.do_send(MalformedFrame);
     }
 
-    fn on_text(&mut self, text: &str) {
+    fn on_text(&mut self, text: &ByteString) {
         match twilio::parse(text) {
             Ok(TwilioEvent::Media {
                 payload,
                 audio_bytes,
                 timestamp_ms,
             }) => {
-                if self.out.is_none() {
+                if !self.started {
                     self.malformed("media before start");
                     return;
                 }
                 log::trace!("{} media in: {payload}", self.label);
-                self.call.do_send(AudioIn {
-                    payload: payload.into_owned(),
-                    bytes: audio_bytes,
-                    timestamp_ms,
-                });
+                // Zero-copy: the payload is a slice of the frame it came in.
+                let payload = match payload {
+                    std::borrow::Cow::Borrowed(s) => text.as_bytes().slice_ref(s.as_bytes()),
+                    std::borrow::Cow::Owned(s) => Bytes::from(s),
+                };
+                let mut forward = std::mem::take(&mut self.forward);
+                self.inbound
+                    .on_media(payload, audio_bytes as u32, timestamp_ms, &mut forward);
+                self.send_to_ai(&mut forward);
+                self.forward = forward;
             }
-            Ok(TwilioEvent::Mark { name }) => self.call.do_send(MarkEchoed {
-                name: name.into_owned(),
-            }),
-            Ok(TwilioEvent::Dtmf { digit }) => self.call.do_send(Dtmf { digit }),
+            Ok(TwilioEvent::Mark { name }) => {
+                let mut writer = self.writer.borrow_mut();
+                writer.playback.on_mark(&name);
+                writer.publish();
+                writer.wake(); // the budget may allow more audio now
+            }
+            Ok(TwilioEvent::Dtmf { digit }) => {
+                let _ = self.call.dtmf.try_send(Dtmf { digit });
+            }
             Ok(TwilioEvent::Start(start)) => {
-                if self.out.is_some() {
+                if self.started {
                     self.malformed("second start on one stream");
                     return;
                 }
@@ -126,13 +363,21 @@ impl TwilioStreamActor {
                         start.encoding
                     );
                 }
-                self.out = Some(Outbound::new(&start.stream_sid));
-                self.call.do_send(StreamStarted { start });
+                self.started = true;
+                {
+                    let mut writer = self.writer.borrow_mut();
+                    writer.outbound = Some(Outbound::new(&start.stream_sid));
+                    writer.playback.start();
+                    writer.wake();
+                }
+                // Control: `do_send`, as the call's decisions must not be lost to a full mailbox.
+                self.call.started.do_send(StreamStarted { start });
             }
             Ok(TwilioEvent::Connected) => log::debug!("{} Twilio connected", self.label),
             Ok(TwilioEvent::Stop) => {
-                self.stopped_by_twilio = true;
-                self.call.do_send(Stop {
+                self.ending = true;
+                self.call_told = true;
+                self.call.stop.do_send(Stop {
                     reason: StopReason::TwilioStop,
                 });
             }
@@ -142,99 +387,229 @@ impl TwilioStreamActor {
             Err(e) => self.malformed(e),
         }
     }
-}
 
-impl Actor for TwilioStreamActor {
-    type Context = ws::WebsocketContext<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(IDLE_CHECK, |act, ctx| {
-            if act.last_frame.elapsed() > IDLE_TIMEOUT {
-                log::warn!(
-                    "{} no frame from Twilio for {}s: closing the stream",
-                    act.label,
-                    IDLE_TIMEOUT.as_secs()
-                );
-                ctx.close(Some(ws::CloseCode::Away.into()));
-                ctx.stop();
+    /// Hands caller frames to the AI leg; a full mailbox drops and counts.
+    fn send_to_ai(&mut self, frames: &mut Vec<(Bytes, u32)>) {
+        let counts = self.inbound.take_counts();
+        CallCounters::add(
+            &self.counters.dropped_upstream_not_ready,
+            counts.dropped_not_ready,
+        );
+        CallCounters::add(&self.counters.silence_filled_ms, counts.silence_filled_ms);
+        for (payload, bytes) in frames.drain(..) {
+            let Some(ai) = &self.ai else {
+                CallCounters::add(&self.counters.dropped_upstream_not_ready, 1);
+                continue;
+            };
+            match ai.try_send(AudioIn { payload, bytes }) {
+                Ok(()) => CallCounters::add(&self.counters.frames_in, 1),
+                Err(SendError::Full(_)) => {
+                    CallCounters::add(&self.counters.dropped_openai_backpressure, 1)
+                }
+                Err(SendError::Closed(_)) => {
+                    CallCounters::add(&self.counters.dropped_upstream_not_ready, 1)
+                }
             }
-        });
+        }
     }
 
-    fn stopped(&mut self, _: &mut Self::Context) {
-        if !self.closed_by_call {
-            // The call ends with its Twilio leg; `stop` already told it if Twilio said so.
-            if !self.stopped_by_twilio {
-                self.call.do_send(Stop {
-                    reason: StopReason::TwilioClosed("socket closed".into()),
-                });
+    /// Asks the writer to close the socket after what is urgent, and stops reading.
+    fn close(&mut self, code: CloseCode, ctx: &mut Context<Self>) {
+        let mut writer = self.writer.borrow_mut();
+        writer.urgent.push_back(Outgoing::Close(Some(code.into())));
+        writer.wake();
+        drop(writer);
+        ctx.stop();
+    }
+
+    fn check(&mut self, ctx: &mut Context<Self>) {
+        let blocked_for = self
+            .writer
+            .borrow()
+            .blocked_since
+            .map(|since| since.elapsed());
+        if let Some(blocked_for) = blocked_for.filter(|d| *d >= self.stall_timeout) {
+            let ms = blocked_for.as_millis() as u64;
+            log::warn!(
+                "{} Twilio socket accepted nothing for {ms} ms: ending the call (twilio_stalled)",
+                self.label
+            );
+            // The socket takes nothing, so no close frame can be written: drop the writer
+            // (and with it what it held) and let the connection go.
+            if let Some(task) = self.write_task.take() {
+                task.abort();
             }
+            self.call_told = true;
+            self.call.stop.do_send(Stop {
+                reason: StopReason::TwilioStalled {
+                    ms: self.stall_timeout.as_millis() as u64,
+                },
+            });
+            ctx.stop();
+            return;
+        }
+        if self.last_frame.elapsed() > IDLE_TIMEOUT {
+            log::warn!(
+                "{} no frame from Twilio for {}s: closing the stream",
+                self.label,
+                IDLE_TIMEOUT.as_secs()
+            );
+            self.close(CloseCode::Away, ctx);
         }
     }
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for TwilioStreamActor {
-    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+impl Actor for TwilioStreamActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // invariant: `new` stores the session and only `started` takes it.
+        let session = self.session.take().expect("session set in new");
+        self.write_task = Some(actix_rt::spawn(write_loop(self.writer.clone(), session)));
+        ctx.run_interval(CHECK_EVERY, |act, ctx| act.check(ctx));
+        ctx.run_later(self.start_timeout, |act, ctx| {
+            if !act.started && !act.ending {
+                let ms = act.start_timeout.as_millis() as u64;
+                log::warn!("{} no start from Twilio within {ms} ms: closing", act.label);
+                act.call_told = true;
+                act.call.stop.do_send(Stop {
+                    reason: StopReason::NoStart { ms },
+                });
+                act.close(CloseCode::Policy, ctx);
+            }
+        });
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        let mut writer = self.writer.borrow_mut();
+        if !writer.done
+            && !writer
+                .urgent
+                .iter()
+                .any(|m| matches!(m, Outgoing::Close(_)))
+        {
+            writer
+                .urgent
+                .push_back(Outgoing::Close(Some(CloseCode::Normal.into())));
+            writer.wake();
+        }
+        drop(writer);
+        if !self.call_told {
+            // The call ends with its Twilio leg.
+            self.call.stop.do_send(Stop {
+                reason: StopReason::TwilioClosed("socket closed".into()),
+            });
+        }
+    }
+}
+
+impl StreamHandler<Result<Message, ProtocolError>> for TwilioStreamActor {
+    fn handle(&mut self, msg: Result<Message, ProtocolError>, ctx: &mut Context<Self>) {
         self.last_frame = Instant::now();
         match msg {
-            Ok(ws::Message::Text(text)) => self.on_text(&text),
-            Ok(ws::Message::Binary(bin)) => {
+            Ok(Message::Text(text)) => self.on_text(&text),
+            Ok(Message::Binary(bin)) => {
                 self.malformed(format_args!("binary frame of {} bytes", bin.len()))
             }
-            Ok(ws::Message::Ping(p)) => ctx.pong(&p),
-            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
-            Ok(ws::Message::Continuation(_)) => {
+            Ok(Message::Ping(p)) => {
+                let mut writer = self.writer.borrow_mut();
+                writer.urgent.push_back(Outgoing::Pong(p));
+                writer.wake();
+            }
+            Ok(Message::Pong(_)) | Ok(Message::Nop) => {}
+            Ok(Message::Continuation(_)) => {
                 self.malformed("fragmented frame (continuation)");
             }
-            Ok(ws::Message::Close(reason)) => {
-                if !self.stopped_by_twilio {
+            Ok(Message::Close(reason)) => {
+                if !self.ending {
                     log::info!(
                         "{} Twilio closed the socket without stop ({reason:?})",
                         self.label
                     );
                 }
-                ctx.close(reason);
+                let mut writer = self.writer.borrow_mut();
+                writer.urgent.push_back(Outgoing::Close(reason));
+                writer.wake();
+                drop(writer);
                 ctx.stop();
             }
             Err(e) => {
                 // A protocol error (e.g. a frame over the size limit) leaves the stream unusable.
                 log::warn!("{} websocket protocol error from Twilio: {e}", self.label);
-                self.call.do_send(MalformedFrame);
+                CallCounters::add(&self.counters.malformed_frames, 1);
                 ctx.stop();
             }
         }
     }
-}
 
-/// Sends assistant audio to the caller, and its mark.
-impl Handler<PlayAudio> for TwilioStreamActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: PlayAudio, ctx: &mut Self::Context) {
-        // invariant: the call sends audio only after `StreamStarted`; without a stream SID the
-        // audio could not be addressed, so it is dropped loudly rather than sent malformed.
-        let Some(out) = &self.out else {
-            log::error!("{} audio out before start: dropped", self.label);
-            return;
-        };
-        if !msg.payload.is_empty() {
-            log::trace!("{} media out: {}", self.label, msg.payload);
-            ctx.text(out.media(&msg.payload));
-        }
-        if let Some(name) = msg.mark {
-            ctx.text(out.mark(&name));
-        }
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }
 
-/// Empties Twilio's buffer of assistant audio (barge-in).
-impl Handler<ClearAudio> for TwilioStreamActor {
+/// Assistant audio from the AI leg: into the playback queue; the writer sends it when the
+/// budget and the socket allow.
+impl Handler<AudioOut> for TwilioStreamActor {
     type Result = ();
 
-    fn handle(&mut self, _: ClearAudio, ctx: &mut Self::Context) {
-        if let Some(out) = &self.out {
-            ctx.text(out.clear());
+    fn handle(&mut self, msg: AudioOut, _: &mut Context<Self>) {
+        let mut writer = self.writer.borrow_mut();
+        writer.playback.push(Chunk {
+            response_id: msg.response_id,
+            item_id: msg.item_id,
+            payload: msg.payload,
+            bytes: msg.bytes,
+        });
+        writer.publish();
+        writer.wake();
+    }
+}
+
+/// Where caller audio goes from now on.
+impl Handler<RouteCallerAudio> for TwilioStreamActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: RouteCallerAudio, _: &mut Context<Self>) {
+        let routed = msg.to.is_some();
+        self.ai = msg.to;
+        if !routed {
+            self.writer.borrow_mut().playback.session_lost();
         }
+        let mut forward = std::mem::take(&mut self.forward);
+        self.inbound.set_routed(routed, &mut forward);
+        self.send_to_ai(&mut forward);
+        self.forward = forward;
+    }
+}
+
+/// Barge-in: drop what is queued, `clear` Twilio's buffer, say what the caller heard.
+impl Handler<ClearAudio> for TwilioStreamActor {
+    type Result = ClearOutcome;
+
+    fn handle(&mut self, msg: ClearAudio, _: &mut Context<Self>) -> ClearOutcome {
+        let mut writer = self.writer.borrow_mut();
+        let outcome = writer.playback.clear(msg.interrupted);
+        writer.mark_after = None;
+        if outcome.cleared {
+            if let Some(outbound) = &writer.outbound {
+                let clear = outbound.clear();
+                writer.urgent.push_back(Outgoing::Text(clear.into()));
+            }
+        }
+        writer.publish();
+        writer.wake();
+        outcome
+    }
+}
+
+/// A response is done: mark its tail.
+impl Handler<MarkTail> for TwilioStreamActor {
+    type Result = ();
+
+    fn handle(&mut self, _: MarkTail, _: &mut Context<Self>) {
+        let mut writer = self.writer.borrow_mut();
+        writer.playback.mark_tail();
+        writer.wake();
     }
 }
 
@@ -242,7 +617,7 @@ impl Handler<ClearAudio> for TwilioStreamActor {
 impl Handler<CallIdentified> for TwilioStreamActor {
     type Result = ();
 
-    fn handle(&mut self, msg: CallIdentified, _: &mut Self::Context) {
+    fn handle(&mut self, msg: CallIdentified, _: &mut Context<Self>) {
         self.label = msg.label;
     }
 }
@@ -251,13 +626,13 @@ impl Handler<CallIdentified> for TwilioStreamActor {
 impl Handler<Stop> for TwilioStreamActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Stop, ctx: &mut Self::Context) {
-        self.closed_by_call = true;
+    fn handle(&mut self, msg: Stop, ctx: &mut Context<Self>) {
+        self.ending = true;
+        self.call_told = true;
         let code = match msg.reason {
-            StopReason::Shutdown => ws::CloseCode::Away,
-            _ => ws::CloseCode::Normal,
+            StopReason::Shutdown => CloseCode::Away,
+            _ => CloseCode::Normal,
         };
-        ctx.close(Some(code.into()));
-        ctx.stop();
+        self.close(code, ctx);
     }
 }

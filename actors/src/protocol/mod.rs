@@ -18,7 +18,8 @@ pub mod twiml;
 pub(crate) struct JsonStr<'a>(#[serde(borrow)] pub std::borrow::Cow<'a, str>);
 
 /// Length in bytes of the audio a standard base64 string carries, or `None` when the string is
-/// not canonical base64 (wrong alphabet, length not a multiple of 4, misplaced padding).
+/// not canonical base64 (wrong alphabet, length not a multiple of 4, misplaced padding, or
+/// non-zero bits under the padding, as in `"AB=="`, which a strict decoder refuses).
 ///
 /// Audio passes through the bridge as base64 text, undecoded. This check is what makes that safe:
 /// it proves the payload can be spliced into JSON without escaping and that the peer will be able
@@ -39,7 +40,27 @@ pub fn base64_audio_len(b64: &str) -> Option<usize> {
     {
         return None;
     }
+    // The last character before the padding carries 4 (one `=`: 2) bits that decode to
+    // nothing; canonical base64 has them zero.
+    if padding > 0 {
+        let last = sextet(body[body.len() - 1]);
+        let unused_mask = if padding == 2 { 0x0F } else { 0x03 };
+        if last & unused_mask != 0 {
+            return None;
+        }
+    }
     Some(bytes.len() / 4 * 3 - padding)
+}
+
+/// The 6-bit value of a standard base64 character (already checked to be one).
+fn sextet(b: u8) -> u8 {
+    match b {
+        b'A'..=b'Z' => b - b'A',
+        b'a'..=b'z' => b - b'a' + 26,
+        b'0'..=b'9' => b - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    }
 }
 
 #[cfg(test)]
@@ -58,6 +79,21 @@ mod tests {
     }
 
     #[test]
+    fn base64_audio_len_agrees_with_the_strict_decoder_on_padding_bits() {
+        let engine = base64::engine::general_purpose::STANDARD;
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        for &c in alphabet {
+            for text in [format!("A{}==", c as char), format!("AA{}=", c as char)] {
+                assert_eq!(
+                    base64_audio_len(&text).is_some(),
+                    engine.decode(&text).is_ok(),
+                    "{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn base64_audio_len_rejects_what_is_not_base64() {
         for bad in [
             "",
@@ -68,6 +104,8 @@ mod tests {
             "ab c",
             "\\/8=",
             "////=====",
+            "AB==",
+            "AAB=",
         ] {
             assert_eq!(base64_audio_len(bad), None, "{bad:?}");
         }

@@ -1,0 +1,457 @@
+//! Turn-taking, decided in the `CallActor`: the response in flight, barge-in, keypad digits and
+//! the greeting. [`Turns::on_event`] takes one [`Event`] and pushes the [`Action`]s to perform.
+//!
+//! - The greeting is asked for once per call, when the first AI session is ready (never again
+//!   after a restart).
+//! - Barge-in: on `speech_started` the Twilio leg is asked to clear (it knows what was sent and
+//!   heard); its answer becomes a `conversation.item.truncate` at what the caller heard. A
+//!   response still in flight has its late audio dropped, and is cancelled only if the server
+//!   has not cancelled it itself within a grace period (with `interrupt_response` it does, and a
+//!   second cancel would fail with `response_cancel_not_active`).
+//! - DTMF: each digit becomes a user text item (held while the AI leg is away); once no digit
+//!   came for `dtmf_response_delay_ms` a response is asked for, after the one in flight if any.
+
+use std::sync::Arc;
+
+use crate::messages::ClearOutcome;
+
+#[derive(Debug, Clone)]
+pub struct TurnsConfig {
+    /// Instructions for the assistant's first words, if it speaks first.
+    pub greeting: Option<String>,
+    /// Quiet time after a DTMF digit before asking the model to answer (0: never ask).
+    pub dtmf_response_delay_ms: u64,
+    /// After a barge-in, how long to let the server cancel the response itself before we do.
+    pub cancel_grace_ms: u64,
+}
+
+/// Something that happened to the conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An AI session is configured and routed.
+    UpstreamReady,
+    /// The AI session is gone; a new one may follow.
+    UpstreamLost,
+    /// The caller started speaking (server VAD).
+    SpeechStarted,
+    /// The Twilio leg's answer to the clear of a barge-in.
+    Cleared {
+        outcome: ClearOutcome,
+        /// A response was in flight when the caller spoke.
+        interrupted_response: bool,
+    },
+    ResponseCreated {
+        response_id: String,
+    },
+    ResponseDone {
+        response_id: String,
+    },
+    Dtmf {
+        digit: String,
+    },
+    /// The DTMF quiet timer of this generation fired.
+    DtmfQuiet {
+        generation: u64,
+    },
+    /// The grace period after a barge-in ended: cancel this response if it is still in flight.
+    CancelCheck {
+        response_id: String,
+    },
+}
+
+/// What the `CallActor` must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Ask the Twilio leg to clear; feed its answer back as [`Event::Cleared`].
+    Clear {
+        in_flight: Option<Arc<str>>,
+    },
+    /// Ask the Twilio leg to mark the tail of the audio sent.
+    MarkTail,
+    UserText {
+        text: String,
+    },
+    CreateResponse {
+        instructions: Option<String>,
+    },
+    Cancel {
+        response_id: String,
+    },
+    Truncate {
+        item_id: String,
+        audio_end_ms: u64,
+    },
+    /// Send `DtmfQuiet { generation }` after `delay_ms`.
+    ScheduleDtmfQuiet {
+        generation: u64,
+        delay_ms: u64,
+    },
+    /// Send `CancelCheck { response_id }` after `delay_ms`.
+    ScheduleCancelCheck {
+        response_id: String,
+        delay_ms: u64,
+    },
+    /// A barge-in happened (for the log).
+    BargedIn {
+        cleared: bool,
+        truncated_ms: Option<u64>,
+        interrupted_response: bool,
+    },
+}
+
+#[derive(Debug)]
+pub struct Turns {
+    cfg: TurnsConfig,
+    upstream_ready: bool,
+    /// The greeting is spoken once per call, not again after an upstream restart.
+    greeted: bool,
+    /// User text waiting for the AI leg (DTMF pressed while it reconnects).
+    held_text: Vec<String>,
+    in_flight: Option<String>,
+    dtmf_generation: u64,
+    /// A response was asked for while another was in flight; ask at its `response.done`.
+    response_wanted: bool,
+    pub barge_ins: u64,
+}
+
+impl Turns {
+    pub fn new(cfg: TurnsConfig) -> Self {
+        Self {
+            cfg,
+            upstream_ready: false,
+            greeted: false,
+            held_text: Vec::new(),
+            in_flight: None,
+            dtmf_generation: 0,
+            response_wanted: false,
+            barge_ins: 0,
+        }
+    }
+
+    pub fn on_event(&mut self, event: Event, out: &mut Vec<Action>) {
+        match event {
+            Event::UpstreamReady => {
+                self.upstream_ready = true;
+                for text in self.held_text.drain(..) {
+                    out.push(Action::UserText { text });
+                }
+                let mut asked = false;
+                if !self.greeted {
+                    self.greeted = true;
+                    if let Some(greeting) = &self.cfg.greeting {
+                        out.push(Action::CreateResponse {
+                            instructions: Some(greeting.clone()),
+                        });
+                        asked = true;
+                    }
+                }
+                // Digits pressed while the leg was away still get their answer; after the
+                // greeting if there is one (one response at a time), else now.
+                if self.response_wanted && !asked {
+                    self.response_wanted = false;
+                    out.push(Action::CreateResponse { instructions: None });
+                }
+            }
+            Event::UpstreamLost => {
+                // The new session knows nothing of the old one's responses.
+                self.upstream_ready = false;
+                self.in_flight = None;
+            }
+            Event::SpeechStarted => {
+                let in_flight = self.in_flight.clone();
+                out.push(Action::Clear {
+                    in_flight: in_flight.as_deref().map(Arc::from),
+                });
+                if let Some(response_id) = in_flight {
+                    // Cancel only if it is still in flight after the grace period (its late
+                    // audio is dropped by the Twilio leg meanwhile either way).
+                    out.push(Action::ScheduleCancelCheck {
+                        response_id,
+                        delay_ms: self.cfg.cancel_grace_ms,
+                    });
+                }
+            }
+            Event::Cleared {
+                outcome,
+                interrupted_response,
+            } => {
+                let truncated_ms = outcome.truncate.as_ref().map(|(_, ms)| *ms);
+                if let Some((item_id, audio_end_ms)) = outcome.truncate {
+                    out.push(Action::Truncate {
+                        item_id: item_id.to_string(),
+                        audio_end_ms,
+                    });
+                }
+                if outcome.cleared || outcome.interrupted_audio || interrupted_response {
+                    self.barge_ins += 1;
+                    out.push(Action::BargedIn {
+                        cleared: outcome.cleared,
+                        truncated_ms,
+                        interrupted_response,
+                    });
+                }
+            }
+            Event::ResponseCreated { response_id } => self.in_flight = Some(response_id),
+            Event::ResponseDone { response_id } => {
+                if self.in_flight.as_deref() == Some(response_id.as_str()) {
+                    self.in_flight = None;
+                }
+                out.push(Action::MarkTail);
+                if self.response_wanted && self.in_flight.is_none() && self.upstream_ready {
+                    self.response_wanted = false;
+                    out.push(Action::CreateResponse { instructions: None });
+                }
+            }
+            Event::Dtmf { digit } => {
+                let text = format!("The caller pressed the key {digit} on the phone keypad.");
+                if self.upstream_ready {
+                    out.push(Action::UserText { text });
+                } else {
+                    self.held_text.push(text);
+                }
+                if self.cfg.dtmf_response_delay_ms > 0 {
+                    self.dtmf_generation += 1;
+                    out.push(Action::ScheduleDtmfQuiet {
+                        generation: self.dtmf_generation,
+                        delay_ms: self.cfg.dtmf_response_delay_ms,
+                    });
+                }
+            }
+            Event::CancelCheck { response_id } => {
+                // Still in flight after the grace period: the server did not cancel it.
+                if self.in_flight.as_deref() == Some(response_id.as_str()) {
+                    self.in_flight = None;
+                    out.push(Action::Cancel { response_id });
+                }
+            }
+            Event::DtmfQuiet { generation } => {
+                if generation != self.dtmf_generation {
+                    return; // another digit came since: its own timer will fire
+                }
+                if self.in_flight.is_none() && self.upstream_ready {
+                    out.push(Action::CreateResponse { instructions: None });
+                } else {
+                    self.response_wanted = true;
+                }
+            }
+        }
+    }
+
+    /// The response being generated, if any.
+    pub fn in_flight(&self) -> Option<&str> {
+        self.in_flight.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> TurnsConfig {
+        TurnsConfig {
+            greeting: Some("Say hello.".into()),
+            dtmf_response_delay_ms: 500,
+            cancel_grace_ms: 150,
+        }
+    }
+
+    fn run(t: &mut Turns, e: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        t.on_event(e, &mut out);
+        out
+    }
+
+    fn ready(greeting: bool) -> Turns {
+        let mut t = Turns::new(TurnsConfig {
+            greeting: greeting.then(|| "Say hello.".to_string()),
+            ..cfg()
+        });
+        run(&mut t, Event::UpstreamReady);
+        t
+    }
+
+    fn created(id: &str) -> Event {
+        Event::ResponseCreated {
+            response_id: id.into(),
+        }
+    }
+
+    fn done(id: &str) -> Event {
+        Event::ResponseDone {
+            response_id: id.into(),
+        }
+    }
+
+    #[test]
+    fn greeting_is_asked_for_once_and_not_repeated_after_a_restart() {
+        let mut t = Turns::new(cfg());
+        assert_eq!(
+            run(&mut t, Event::UpstreamReady),
+            vec![Action::CreateResponse {
+                instructions: Some("Say hello.".into())
+            }]
+        );
+        run(&mut t, Event::UpstreamLost);
+        assert!(run(&mut t, Event::UpstreamReady).is_empty());
+    }
+
+    #[test]
+    fn barge_in_clears_then_truncates_at_what_the_twilio_leg_says_was_heard() {
+        let mut t = ready(false);
+        run(&mut t, created("r1"));
+        let out = run(&mut t, Event::SpeechStarted);
+        assert_eq!(
+            out,
+            vec![
+                Action::Clear {
+                    in_flight: Some(Arc::from("r1"))
+                },
+                Action::ScheduleCancelCheck {
+                    response_id: "r1".into(),
+                    delay_ms: 150
+                },
+            ]
+        );
+        let out = run(
+            &mut t,
+            Event::Cleared {
+                outcome: ClearOutcome {
+                    cleared: true,
+                    truncate: Some((Arc::from("i1"), 100)),
+                    interrupted_audio: true,
+                },
+                interrupted_response: true,
+            },
+        );
+        assert_eq!(
+            out,
+            vec![
+                Action::Truncate {
+                    item_id: "i1".into(),
+                    audio_end_ms: 100
+                },
+                Action::BargedIn {
+                    cleared: true,
+                    truncated_ms: Some(100),
+                    interrupted_response: true
+                },
+            ]
+        );
+        assert_eq!(t.barge_ins, 1);
+        // The server did not cancel within the grace period: we do.
+        assert_eq!(
+            run(
+                &mut t,
+                Event::CancelCheck {
+                    response_id: "r1".into()
+                }
+            ),
+            vec![Action::Cancel {
+                response_id: "r1".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn no_cancel_when_no_response_is_in_flight() {
+        let mut t = ready(false);
+        run(&mut t, created("r1"));
+        assert_eq!(run(&mut t, done("r1")), vec![Action::MarkTail]);
+        // The response is complete but its audio may still be playing at Twilio.
+        assert_eq!(
+            run(&mut t, Event::SpeechStarted),
+            vec![Action::Clear { in_flight: None }]
+        );
+    }
+
+    #[test]
+    fn no_cancel_when_the_server_cancelled_within_the_grace_period() {
+        let mut t = ready(false);
+        run(&mut t, created("r1"));
+        run(&mut t, Event::SpeechStarted);
+        run(&mut t, done("r1"));
+        assert!(run(
+            &mut t,
+            Event::CancelCheck {
+                response_id: "r1".into()
+            }
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn speech_with_nothing_playing_is_not_a_barge_in() {
+        let mut t = ready(false);
+        run(&mut t, Event::SpeechStarted);
+        let out = run(
+            &mut t,
+            Event::Cleared {
+                outcome: ClearOutcome::default(),
+                interrupted_response: false,
+            },
+        );
+        assert!(out.is_empty());
+        assert_eq!(t.barge_ins, 0);
+    }
+
+    #[test]
+    fn dtmf_becomes_text_and_a_response_after_the_quiet_time() {
+        let mut t = ready(false);
+        let out = run(&mut t, Event::Dtmf { digit: "1".into() });
+        assert!(matches!(&out[0], Action::UserText { text } if text.contains('1')));
+        assert_eq!(
+            out[1],
+            Action::ScheduleDtmfQuiet {
+                generation: 1,
+                delay_ms: 500
+            }
+        );
+        run(&mut t, Event::Dtmf { digit: "2".into() });
+        // The first timer is stale: a second digit came.
+        assert!(run(&mut t, Event::DtmfQuiet { generation: 1 }).is_empty());
+        assert_eq!(
+            run(&mut t, Event::DtmfQuiet { generation: 2 }),
+            vec![Action::CreateResponse { instructions: None }]
+        );
+    }
+
+    #[test]
+    fn dtmf_response_waits_for_the_response_in_flight() {
+        let mut t = ready(false);
+        run(&mut t, created("r1"));
+        run(&mut t, Event::Dtmf { digit: "#".into() });
+        assert!(run(&mut t, Event::DtmfQuiet { generation: 1 }).is_empty());
+        assert_eq!(
+            run(&mut t, done("r1")),
+            vec![
+                Action::MarkTail,
+                Action::CreateResponse { instructions: None }
+            ]
+        );
+    }
+
+    #[test]
+    fn dtmf_pressed_while_the_upstream_is_away_is_answered_when_it_is_back() {
+        let mut t = ready(false);
+        run(&mut t, Event::UpstreamLost);
+        assert!(run(&mut t, Event::Dtmf { digit: "9".into() })
+            .iter()
+            .all(|a| !matches!(a, Action::UserText { .. })));
+        assert!(run(&mut t, Event::DtmfQuiet { generation: 1 }).is_empty());
+        let out = run(&mut t, Event::UpstreamReady);
+        assert!(matches!(&out[0], Action::UserText { text } if text.contains('9')));
+        assert_eq!(out[1], Action::CreateResponse { instructions: None });
+    }
+
+    #[test]
+    fn after_upstream_loss_nothing_of_the_old_session_is_cancelled() {
+        let mut t = ready(false);
+        run(&mut t, created("r1"));
+        run(&mut t, Event::UpstreamLost);
+        run(&mut t, Event::UpstreamReady);
+        assert_eq!(
+            run(&mut t, Event::SpeechStarted),
+            vec![Action::Clear { in_flight: None }]
+        );
+    }
+}
