@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /voice` | Twilio voice webhook → TwiML `<Connect><Stream>` |
 //! | `GET /media-stream` | Twilio Media Streams websocket (one call per connection) |
-//! | `GET /health` | liveness, upstream in use, live call count |
+//! | `GET /health` | liveness, upstream in use, live call count, ended calls by reason |
 //! | `GET /calls` | every live call |
 //! | `GET /calls/{call_sid}` | one live call with its transcript |
 
@@ -14,7 +14,7 @@ use std::time::Instant;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use callbridge_actors::protocol::{signature, twiml};
-use callbridge_actors::{CallCount, Engine, GetCall, ListCalls, UpstreamKind};
+use callbridge_actors::{CallCount, EndedCalls, Engine, GetCall, ListCalls, UpstreamKind};
 use secrecy::ExposeSecret;
 use serde_json::json;
 
@@ -131,12 +131,19 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         .send(CallCount)
         .await
         .unwrap_or_default();
+    let calls_ended = state
+        .engine
+        .registry()
+        .send(EndedCalls)
+        .await
+        .unwrap_or_default();
     let upstream = state.engine.upstream();
     let mut body = json!({
         "status": "healthy",
         "upstream": upstream.as_str(),
         "upstream_mode": state.settings.upstream.as_str(),
         "live_calls": live_calls,
+        "calls_ended": calls_ended,
         "uptime_s": state.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
     });

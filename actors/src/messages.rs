@@ -116,7 +116,7 @@ impl std::fmt::Display for StopReason {
             StopReason::TwilioClosed(why) => write!(f, "Twilio socket closed without stop: {why}"),
             StopReason::TwilioStalled { ms } => write!(
                 f,
-                "twilio_stalled: the Twilio socket accepted nothing for {ms} ms"
+                "twilio_stalled: Twilio took nothing (or echoed no mark) for {ms} ms"
             ),
             StopReason::NoStart { ms } => {
                 write!(f, "no_start: Twilio sent no start within {ms} ms")

@@ -16,12 +16,15 @@
 //! pulls the next message from the shared [`Playback`] only when the socket took the previous
 //! one (actix-ws's channel holds 32 messages; actix-http's write buffer 32 KiB). The actor stays
 //! live while the socket is back-pressured: audio beyond the budget waits in the bounded queue
-//! (oldest dropped, counted), and the watchdog sees how long a write has been waiting.
+//! (oldest dropped, counted), and the watchdog sees how long a write has been waiting, and how
+//! long Twilio has left pending marks unechoed (a Twilio that reads nothing echoes nothing, and
+//! the playback budget stops our writes long before its socket is full).
 //!
 //! This is the only file that knows the websocket library of the Twilio leg.
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -138,6 +141,11 @@ struct Writer {
     waker: Option<Waker>,
     /// A write has been waiting for the socket since then.
     blocked_since: Option<Instant>,
+    /// Marks are pending and none has been echoed since then. Twilio echoes a mark as the audio
+    /// before it plays; the oldest pending mark covers at most `call.mark_interval_ms` of audio
+    /// beyond the last echo, so a long wait means Twilio is not reading what we send even if the
+    /// socket still takes data (the playback budget stops writing before the socket fills).
+    echo_awaited_since: Option<Instant>,
     /// The socket is gone (a write failed) or closed.
     done: bool,
     counters: Arc<CallCounters>,
@@ -160,6 +168,9 @@ impl Writer {
                 return Poll::Ready(Outgoing::Text(outbound.mark(&name).into()));
             }
             if let Some(wire) = self.playback.next_wire() {
+                if self.echo_awaited_since.is_none() && self.playback.marks_pending() > 0 {
+                    self.echo_awaited_since = Some(Instant::now());
+                }
                 let text = match wire {
                     Wire::Media { payload, mark } => {
                         self.mark_after = mark;
@@ -246,6 +257,8 @@ pub struct TwilioStreamActor {
     /// Reused for every frame (silence fill + the frame), so the audio path allocates no vector.
     forward: Vec<(Bytes, u32)>,
     started: bool,
+    /// Log the frame counts every this many caller frames (0: never).
+    frame_log_interval: u64,
     last_frame: Instant,
     stall_timeout: Duration,
     start_timeout: Duration,
@@ -281,6 +294,7 @@ impl TwilioStreamActor {
                 mark_after: None,
                 waker: None,
                 blocked_since: None,
+                echo_awaited_since: None,
                 done: false,
                 counters: counters.clone(),
             })),
@@ -294,6 +308,7 @@ impl TwilioStreamActor {
             ai: None,
             forward: Vec::with_capacity(8),
             started: false,
+            frame_log_interval: cfg.frame_log_interval,
             last_frame: Instant::now(),
             stall_timeout: Duration::from_millis(cfg.stall_timeout_ms),
             start_timeout: Duration::from_millis(cfg.start_timeout_ms),
@@ -345,6 +360,8 @@ impl TwilioStreamActor {
             Ok(TwilioEvent::Mark { name }) => {
                 let mut writer = self.writer.borrow_mut();
                 writer.playback.on_mark(&name);
+                writer.echo_awaited_since =
+                    (writer.playback.marks_pending() > 0).then(Instant::now);
                 writer.publish();
                 writer.wake(); // the budget may allow more audio now
             }
@@ -402,7 +419,16 @@ impl TwilioStreamActor {
                 continue;
             };
             match ai.try_send(AudioIn { payload, bytes }) {
-                Ok(()) => CallCounters::add(&self.counters.frames_in, 1),
+                Ok(()) => {
+                    let n = self.counters.frames_in.fetch_add(1, Ordering::Relaxed) + 1;
+                    if self.frame_log_interval > 0 && n % self.frame_log_interval == 0 {
+                        log::info!(
+                            "{} frames in={n} out={}",
+                            self.label,
+                            CallCounters::get(&self.counters.frames_out)
+                        );
+                    }
+                }
                 Err(SendError::Full(_)) => {
                     CallCounters::add(&self.counters.dropped_openai_backpressure, 1)
                 }
@@ -423,16 +449,24 @@ impl TwilioStreamActor {
     }
 
     fn check(&mut self, ctx: &mut Context<Self>) {
-        let blocked_for = self
-            .writer
-            .borrow()
-            .blocked_since
-            .map(|since| since.elapsed());
-        if let Some(blocked_for) = blocked_for.filter(|d| *d >= self.stall_timeout) {
-            let ms = blocked_for.as_millis() as u64;
+        let (blocked_for, echo_awaited_for) = {
+            let writer = self.writer.borrow();
+            let elapsed = |t: Option<Instant>| t.map(|since| since.elapsed()).unwrap_or_default();
+            (
+                elapsed(writer.blocked_since),
+                elapsed(writer.echo_awaited_since),
+            )
+        };
+        if blocked_for >= self.stall_timeout || echo_awaited_for >= self.stall_timeout {
+            let why = if blocked_for >= self.stall_timeout {
+                "the socket accepted nothing"
+            } else {
+                "no mark was echoed (Twilio is not reading)"
+            };
             log::warn!(
-                "{} Twilio socket accepted nothing for {ms} ms: ending the call (twilio_stalled)",
-                self.label
+                "{} Twilio stalled, {why} for {} ms: ending the call (twilio_stalled)",
+                self.label,
+                blocked_for.max(echo_awaited_for).as_millis()
             );
             // The socket takes nothing, so no close frame can be written: drop the writer
             // (and with it what it held) and let the connection go.
@@ -590,6 +624,7 @@ impl Handler<ClearAudio> for TwilioStreamActor {
         let mut writer = self.writer.borrow_mut();
         let outcome = writer.playback.clear(msg.interrupted);
         writer.mark_after = None;
+        writer.echo_awaited_since = None;
         if outcome.cleared {
             if let Some(outbound) = &writer.outbound {
                 let clear = outbound.clear();

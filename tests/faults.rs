@@ -1,0 +1,144 @@
+//! End-to-end faults of the data plane: peers that stop reading, and a stream that never
+//! starts. Each ends with the service still serving other calls.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use actix_web::rt::time::sleep;
+use base64::prelude::*;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::json;
+use support::{openai_settings, spawn_app, FakeOpenAi, FakeTwilio, TestApp};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Resident memory of this process (the service runs in it), KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn calls_ended(app: &TestApp, reason: &str) -> u64 {
+    let (_, health) = app.get_json("/health").await;
+    health["calls_ended"][reason].as_u64().unwrap_or(0)
+}
+
+async fn wait_ended(app: &TestApp, reason: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while calls_ended(app, reason).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no call ended with {reason} within {timeout:?}: {:?}",
+            app.get_json("/health").await.1
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A media stream that connects but never sends `start` is closed after
+/// `call.start_timeout_ms`, and the OpenAI session opened for it is closed too (it is paid for).
+#[actix_web::test]
+async fn a_stream_that_never_starts_is_closed_with_its_openai_session() {
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.call.start_timeout_ms = 300;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    assert!(caller.send_connected().await);
+    let session = fake.next_session().await;
+    assert!(session.wait_closed().await, "the OpenAI session is closed");
+    assert!(caller.wait_closed().await, "the media stream is closed");
+    wait_ended(&app, "no_start", Duration::from_secs(2)).await;
+    fake.assert_no_violations();
+}
+
+/// The Twilio side stops reading its socket while OpenAI pushes 50 MB of audio: the call's
+/// queues stay within their bounds (what does not fit is dropped and counted), the call ends
+/// with `twilio_stalled` after `call.stall_timeout_ms` (5 s), and another call on the same service goes on working.
+#[actix_web::test]
+async fn a_twilio_reader_that_stops_reading_ends_the_call_with_bounded_memory() {
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.call.twilio_queue_ms = 2_000;
+    let app = spawn_app(settings).await;
+
+    // A healthy call alongside, to prove the service keeps serving.
+    let healthy = FakeTwilio::connect(&app.ws_url()).await;
+    let mut healthy_session = fake.next_session().await;
+    healthy.start_call("MZ_ok", "CA_ok", &[]).await;
+    healthy_session.recv_event("session.update").await;
+
+    // The stalled caller: a websocket of our own that sends Twilio's first messages and then
+    // never reads again, so its receive buffer fills and the service's writes back up.
+    let (ws, _) = tokio_tungstenite::connect_async(app.ws_url())
+        .await
+        .expect("upgrade");
+    let (mut tx, rx) = ws.split();
+    let start = json!({
+        "event": "start", "sequenceNumber": "1", "streamSid": "MZ_stall",
+        "start": {
+            "accountSid": "AC00000000000000000000000000000001", "streamSid": "MZ_stall",
+            "callSid": "CA_stall", "tracks": ["inbound"], "customParameters": {},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+        }
+    });
+    let connected = json!({"event": "connected", "protocol": "Call", "version": "1.0.0"});
+    tx.send(Message::text(connected.to_string())).await.unwrap();
+    tx.send(Message::text(start.to_string())).await.unwrap();
+    let mut session = fake.next_session().await;
+    session.recv_event("session.update").await;
+    app.wait_call("CA_stall", "active", |c| c["state"] == "active")
+        .await;
+
+    // 50 MB of assistant audio, as fast as the service reads it (600 ms per delta).
+    let rss_before = rss_kib();
+    let mut rss_peak = rss_before;
+    let delta = BASE64_STANDARD.encode(vec![0x55u8; 4_800]);
+    session.start_response("resp_flood", "item_flood");
+    let mut sent = 0usize;
+    let mut max_queued_ms = 0u64;
+    while sent < 50_000_000 && !session.is_closed() {
+        for _ in 0..50 {
+            session.audio_delta("resp_flood", "item_flood", &delta);
+            sent += 4_800;
+        }
+        sleep(Duration::from_millis(2)).await;
+        if sent % 2_400_000 == 0 {
+            rss_peak = rss_peak.max(rss_kib());
+            let (status, call) = app.get_json("/calls/CA_stall").await;
+            if status == 200 {
+                max_queued_ms = max_queued_ms.max(call["queued"]["twilio_ms"].as_u64().unwrap());
+            }
+        }
+    }
+    eprintln!(
+        "stalled Twilio reader: {} MB pushed by OpenAI before the call ended; test-process RSS {} → peak {} KiB (+{} KiB, the fake's buffers included); Twilio queue peaked at {max_queued_ms} ms",
+        sent / 1_000_000,
+        rss_before,
+        rss_peak,
+        rss_peak.saturating_sub(rss_before)
+    );
+    assert!(max_queued_ms <= 2_000, "queue within call.twilio_queue_ms");
+    assert!(
+        rss_peak.saturating_sub(rss_before) < 4 * 1024,
+        "memory grew by {} KiB while OpenAI pushed {} MB",
+        rss_peak.saturating_sub(rss_before),
+        sent / 1_000_000
+    );
+    wait_ended(&app, "twilio_stalled", Duration::from_secs(10)).await;
+    assert!(
+        session.wait_closed().await,
+        "the stalled call's OpenAI leg is closed"
+    );
+
+    // The other call is unharmed: assistant audio still reaches it.
+    healthy_session.start_response("resp_ok", "item_ok");
+    healthy_session.audio_delta_bytes("resp_ok", "item_ok", &[7u8; 800]);
+    assert_eq!(healthy.recv_audio_bytes(800).await, vec![7u8; 800]);
+    drop(rx);
+    healthy.assert_no_violations();
+}
