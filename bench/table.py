@@ -20,22 +20,25 @@ def main():
         f"after the ladder {int(rss_end) / 1024:.1f} MiB.",
         "",
         "| calls | frames sent | frames lost | p50 ms | p99 ms | floor p99 ms | p99 − floor ms "
-        "| callbridge CPU ms per call-second | peak RSS MiB | RSS per call KiB | floor lost |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| callbridge CPU ms per call-second | fake's CPU ms per call-second (floor run) "
+        "| CPU ÷ fake's | peak RSS MiB | RSS per call KiB | floor lost |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in ladder.split():
         cb_path = os.path.join(out, f"callbridge-{n}.json")
         floor_path = os.path.join(out, f"floor-{n}.json")
         if not os.path.exists(cb_path):
-            lines.append(f"| {n} | (no result) |||||||||")
+            lines.append(f"| {n} | (no result) |||||||||||")
             continue
         cb = load(cb_path)
         floor = load(floor_path) if os.path.exists(floor_path) else None
         p = cb.get("process") or {}
         floor_p99 = floor["latency"]["p99_ms"] if floor else float("nan")
+        fcpu = ((floor or {}).get("process") or {}).get("cpu_ms_per_call_second", float("nan"))
+        cpu = p.get("cpu_ms_per_call_second", float("nan"))
         lines.append(
             "| {n} | {sent} | {lost} | {p50:.2f} | {p99:.2f} | {fp99:.2f} | {d:+.2f} | {cpu:.3f} "
-            "| {peak:.1f} | {per:.1f} | {flost} |".format(
+            "| {fcpu:.3f} | {ratio:.2f}× | {peak:.1f} | {per:.1f} | {flost} |".format(
                 n=n,
                 sent=cb["frames_sent"],
                 lost=cb["frames_lost"] + (cb["calls"] - cb["calls_connected"]) * cb["seconds"] * 50,
@@ -43,7 +46,9 @@ def main():
                 p99=cb["latency"]["p99_ms"],
                 fp99=floor_p99,
                 d=cb["latency"]["p99_ms"] - floor_p99,
-                cpu=p.get("cpu_ms_per_call_second", float("nan")),
+                cpu=cpu,
+                fcpu=fcpu,
+                ratio=cpu / fcpu if fcpu and fcpu == fcpu else float("nan"),
                 peak=p.get("rss_peak_kib", 0) / 1024,
                 per=p.get("rss_per_call_kib", float("nan")),
                 flost=floor["frames_lost"] if floor else "-",
@@ -70,7 +75,9 @@ def main():
     lines.append(
         "Lost = frames not echoed within 2 s after a call's last frame (a call that failed to "
         "connect counts all its frames). Latency is the round trip of every frame after each "
-        "call's first second. Floor = the simulator talking to fake-openai directly."
+        "call's first second. Floor = the simulator talking to fake-openai directly; the fake's "
+        "CPU is measured in that run, so \"CPU ÷ fake's\" compares callbridge with a bare "
+        "tokio-tungstenite echo doing half its messages, on the same machine in the same run."
     )
     print("\n".join(lines))
 

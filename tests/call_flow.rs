@@ -247,8 +247,27 @@ async fn audio_from_openai_before_start_is_delivered_after_it() {
 /// and the late deltas of the interrupted response never reach the caller.
 #[actix_web::test]
 async fn barge_in_truncates_at_the_heard_audio_and_cancels_the_response_in_flight() {
+    barge_in_truncates_at_the_heard_audio_and_cancels_the_response_in_flight_with(0).await
+}
+
+/// The same with the shipped `call.mark_interval_ms` (100 ms: the 100 ms chunks here are
+/// marked one by one either way, and a coalescing bug would show).
+#[actix_web::test]
+async fn barge_in_truncates_at_the_heard_audio_and_cancels_the_response_in_flight_at_the_default_mark_interval(
+) {
+    barge_in_truncates_at_the_heard_audio_and_cancels_the_response_in_flight_with(
+        callbridge::Settings::default().call.mark_interval_ms,
+    )
+    .await
+}
+
+async fn barge_in_truncates_at_the_heard_audio_and_cancels_the_response_in_flight_with(
+    mark_interval_ms: u64,
+) {
     let fake = FakeOpenAi::start().await;
-    let app = spawn_app(openai_settings(&fake)).await;
+    let mut settings = openai_settings(&fake);
+    settings.call.mark_interval_ms = mark_interval_ms;
+    let app = spawn_app(settings).await;
     let caller = FakeTwilio::connect(&app.ws_url()).await;
     caller.set_mark_mode(MarkMode::Manual);
     let mut session = fake.next_session().await;
@@ -302,8 +321,24 @@ async fn barge_in_truncates_at_the_heard_audio_and_cancels_the_response_in_fligh
 /// does): clear and truncate, but no `response.cancel`, which would fail as not active.
 #[actix_web::test]
 async fn barge_in_sends_no_cancel_when_the_server_already_cancelled() {
+    barge_in_sends_no_cancel_when_the_server_already_cancelled_with(0).await
+}
+
+/// The same with the shipped `call.mark_interval_ms` (100 ms: the 100 ms chunks here are
+/// marked one by one either way, and a coalescing bug would show).
+#[actix_web::test]
+async fn barge_in_sends_no_cancel_when_the_server_already_cancelled_at_the_default_mark_interval() {
+    barge_in_sends_no_cancel_when_the_server_already_cancelled_with(
+        callbridge::Settings::default().call.mark_interval_ms,
+    )
+    .await
+}
+
+async fn barge_in_sends_no_cancel_when_the_server_already_cancelled_with(mark_interval_ms: u64) {
     let fake = FakeOpenAi::start().await;
-    let app = spawn_app(openai_settings(&fake)).await;
+    let mut settings = openai_settings(&fake);
+    settings.call.mark_interval_ms = mark_interval_ms;
+    let app = spawn_app(settings).await;
     let caller = FakeTwilio::connect(&app.ws_url()).await;
     caller.set_mark_mode(MarkMode::Manual);
     let mut session = fake.next_session().await;
@@ -333,8 +368,24 @@ async fn barge_in_sends_no_cancel_when_the_server_already_cancelled() {
 /// never a `response.cancel` (nothing is in flight).
 #[actix_web::test]
 async fn barge_in_after_the_response_is_done_does_not_cancel() {
+    barge_in_after_the_response_is_done_does_not_cancel_with(0).await
+}
+
+/// The same with the shipped `call.mark_interval_ms` (100 ms: the 100 ms chunks here are
+/// marked one by one either way, and a coalescing bug would show).
+#[actix_web::test]
+async fn barge_in_after_the_response_is_done_does_not_cancel_at_the_default_mark_interval() {
+    barge_in_after_the_response_is_done_does_not_cancel_with(
+        callbridge::Settings::default().call.mark_interval_ms,
+    )
+    .await
+}
+
+async fn barge_in_after_the_response_is_done_does_not_cancel_with(mark_interval_ms: u64) {
     let fake = FakeOpenAi::start().await;
-    let app = spawn_app(openai_settings(&fake)).await;
+    let mut settings = openai_settings(&fake);
+    settings.call.mark_interval_ms = mark_interval_ms;
+    let app = spawn_app(settings).await;
     let caller = FakeTwilio::connect(&app.ws_url()).await;
     caller.set_mark_mode(MarkMode::Manual);
     let mut session = fake.next_session().await;

@@ -101,6 +101,7 @@ async fn a_twilio_reader_that_stops_reading_ends_the_call_with_bounded_memory() 
     session.start_response("resp_flood", "item_flood");
     let mut sent = 0usize;
     let mut max_queued_ms = 0u64;
+    let mut dropped = 0u64;
     while sent < 50_000_000 && !session.is_closed() {
         for _ in 0..50 {
             session.audio_delta("resp_flood", "item_flood", &delta);
@@ -112,6 +113,12 @@ async fn a_twilio_reader_that_stops_reading_ends_the_call_with_bounded_memory() 
             let (status, call) = app.get_json("/calls/CA_stall").await;
             if status == 200 {
                 max_queued_ms = max_queued_ms.max(call["queued"]["twilio_ms"].as_u64().unwrap());
+                dropped = dropped.max(
+                    call["dropped_frames"]["twilio_backpressure"]
+                        .as_u64()
+                        .unwrap(),
+                );
+                assert!(call["dropped_frames"]["openai_backpressure"].is_u64());
             }
         }
     }
@@ -123,6 +130,7 @@ async fn a_twilio_reader_that_stops_reading_ends_the_call_with_bounded_memory() 
         rss_peak.saturating_sub(rss_before)
     );
     assert!(max_queued_ms <= 2_000, "queue within call.twilio_queue_ms");
+    assert!(dropped > 0, "what did not fit was dropped and counted");
     assert!(
         rss_peak.saturating_sub(rss_before) < 4 * 1024,
         "memory grew by {} KiB while OpenAI pushed {} MB",

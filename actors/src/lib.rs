@@ -1,38 +1,48 @@
 //! The callbridge call engine: one small tree of actors per phone call.
 //!
 //! ```text
-//!                         CallRegistry (one per process)
-//!                           ▲  Register / Unregister          ▲ ListCalls / GetCall
-//!                           │  ▼ GetSnapshot                  │ (HTTP shell: /calls, /health)
-//!   Twilio ══ws══ TwilioStreamActor ◀──────▶ CallActor ◀──────▶ OpenAiRealtimeActor ══ws══ OpenAI
-//!                  (one per call)      │   (one per call)  │    (one per leg; a new leg per
-//!                                      │    CallSession    │     restart) — or EchoUpstream
-//!                                      │  (pure state      │
-//!                                      │   machine)        │
+//!                     CallRegistry (one per process)
+//!    Register / Unregister / CallEnded ▲  ▼ GetSnapshot        ▲ ListCalls / GetCall / EndedCalls
+//!                                      │                       │ (HTTP shell: /calls, /health)
+//!                     CallActor (one per call): every decision, no audio
+//!                     Turns + Restarts (pure); reads the call's CallCounters
+//!    StreamStarted, Dtmf, Stop ▲  │ RouteCallerAudio,      UpstreamEvent, ▲  │ UpstreamCommand,
+//!                              │  │ ClearAudio, MarkTail,  Transcript     │  │ Stop
+//!                              │  ▼ Stop                                  │  ▼
+//! Twilio ══ws══ TwilioStreamActor ════ AudioIn (try_send) ════▶ OpenAiRealtimeActor ══ws══ OpenAI
+//!               (actix-ws + writer ◀═══ AudioOut (try_send) ═══ (one per leg, a new one per
+//!                task; Inbound and                               restart; bounded Outbox)
+//!                Playback, pure)                                 — or EchoUpstream
 //! ```
 //!
-//! Message flow (all types in [`messages`], except the registry's own in [`registry`]):
-//! - caller audio: Twilio `media` → `TwilioStreamActor` → [`messages::AudioIn`] → `CallActor`
-//!   (held while the AI leg is not configured) → `AudioIn` → leg → `input_audio_buffer.append`;
-//! - assistant audio: `response.output_audio.delta` → leg → [`messages::AudioOut`] → `CallActor`
-//!   (held before Twilio's `start`; dropped after a barge-in) → [`messages::PlayAudio`] (audio,
-//!   plus a mark once `call.mark_interval_ms` of it went unmarked; a mark alone for a response's
-//!   tail at `response.done`) → `TwilioStreamActor` → Twilio `media` (+ `mark`);
-//! - Twilio → call: [`messages::StreamStarted`], [`messages::Dtmf`], [`messages::MarkEchoed`],
-//!   [`messages::MalformedFrame`], [`messages::Stop`] (`stop` or socket closed);
-//! - call → Twilio: `PlayAudio`, [`messages::ClearAudio`] (barge-in), `Stop` (close the socket);
-//! - leg → call: [`messages::UpstreamEvent`] (connected, ready, speech started, response
-//!   created/done, error, closed), [`messages::Transcript`];
-//! - call → leg: [`messages::UpstreamCommand`] (user text, truncate, cancel, response.create),
-//!   `Stop`.
+//! Two planes (all message types in [`messages`], except the registry's own in [`registry`]):
+//! - **audio, leg to leg**, 50 frames a second each way, with `try_send` (a full mailbox drops
+//!   and counts): caller audio Twilio `media` → `TwilioStreamActor` → [`messages::AudioIn`] →
+//!   AI leg → `input_audio_buffer.append`; assistant audio `response.output_audio.delta` → AI
+//!   leg → [`messages::AudioOut`] → `TwilioStreamActor` → Twilio `media` (+ `mark` once
+//!   `call.mark_interval_ms` went unmarked). Payloads are `Bytes` slices of the received frames.
+//! - **control, through the `CallActor`**: Twilio leg → call: [`messages::StreamStarted`],
+//!   [`messages::Dtmf`], [`messages::Stop`]; call → Twilio leg: [`messages::RouteCallerAudio`]
+//!   (where caller audio goes: handed out when an AI session is ready, taken back when it is
+//!   lost), [`messages::ClearAudio`] (barge-in; answered with what the caller heard),
+//!   [`messages::MarkTail`], `Stop`; AI leg → call: [`messages::UpstreamEvent`] (connected,
+//!   ready, speech started, response created/done, error, closed with a typed failure),
+//!   [`messages::Transcript`]; call → AI leg: [`messages::UpstreamCommand`], `Stop`.
 //!
-//! Supervision: the `CallActor` restarts a failed AI leg with backoff within a budget
-//! (`openai.max_restarts`); the Twilio leg ending ends the call. The registry also hands freed
-//! memory back to the OS a second after the last call ends.
+//! Bounds: every queue audio can enter has a bound and a counter in [`messages::CallCounters`],
+//! shown at `/calls`: the legs' mailboxes (`try_send`), caller audio held while no session is
+//! routed, assistant audio held before `start`, the playback budget and queue, the OpenAI
+//! outbox. Each leg's writer tells how long a write has waited for its socket; a stall ends the
+//! call (Twilio) or restarts the leg (OpenAI).
+//!
+//! Supervision: the `CallActor` restarts a failed AI leg as [`session::restart`] decides (typed
+//! failure, backoff, budget); the Twilio leg ending ends the call. The registry counts ended
+//! calls by reason and hands freed memory back to the OS a second after the last call ends.
 //!
 //! Modules: actors ([`call`], [`twilio_stream`], [`openai_realtime`], [`echo`], [`registry`]),
-//! call logic without a runtime ([`session`]), wire formats without I/O ([`protocol`]), settings
-//! ([`config`]) and the shell's entry point ([`engine`]). This crate never imports the shell.
+//! decisions without a runtime ([`session`]: inbound, playback, turns, restart), wire formats
+//! without I/O ([`protocol`]), settings ([`config`]) and the shell's entry point ([`engine`]).
+//! This crate never imports the shell.
 
 pub mod call;
 pub mod config;

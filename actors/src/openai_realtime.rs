@@ -7,7 +7,7 @@
 //! with `try_send` (a full mailbox drops and counts). Other server events go to the
 //! `CallActor` as typed messages.
 //!
-//! Writing: events for the socket wait in a bounded [`Outbox`], written by a future of this
+//! Writing: events for the socket wait in a bounded `Outbox`, written by a future of this
 //! actor that feeds the socket only as fast as it takes them and flushes once per batch. When
 //! `call.openai_queue_ms` of appends wait, the oldest append is dropped and counted; control
 //! events are never dropped. A write that has waited `call.stall_timeout_ms` for the socket is a
