@@ -361,6 +361,7 @@ impl CallActor {
         // Stop audio at the source first: the Twilio leg holds caller audio until a new leg.
         self.twilio.route.do_send(RouteCallerAudio { to: None });
         self.leg = None;
+        CallCounters::set(&self.counters.openai_queued, 0);
         self.apply(Event::UpstreamLost, ctx);
         let ready_for = self.ready_since.take().map(|since| since.elapsed());
         if ready_for.is_some() {
