@@ -2,12 +2,18 @@
 //! that sends exactly what Twilio sends (`reference/protocols.md` A2) and validates exactly
 //! what the service may send back (A3), recording every deviation as a violation.
 //!
-//! It also models Twilio's playback of outbound audio, which is what makes barge-in testable:
-//! outbound `media` is queued and played in order; a `mark` is echoed when the audio queued
-//! before it has been played, or at once if nothing is buffered; `clear` drops the queue and
-//! echoes every pending mark (so an echo does not prove playback, protocols.md §0.4). In
-//! [`MarkMode::Immediate`] (the default) audio counts as played on arrival; in
-//! [`MarkMode::Manual`] the test advances playback with [`FakeTwilio::play`].
+//! What the service sends is judged by `callbridge_fakes::twilio::parse_service_message` and
+//! `decode_payload` (the simulator's rules too), and played through
+//! `callbridge_fakes::playback::Playback`, the one model of Twilio's outbound buffer, which is
+//! what makes barge-in testable: outbound `media` is queued and played in order; a `mark` is
+//! echoed when the audio queued before it has been played, or at once if nothing is buffered;
+//! `clear` drops the queue and echoes every pending mark (so an echo does not prove playback,
+//! protocols.md §0.4). In [`MarkMode::Immediate`] (the default) audio counts as played on
+//! arrival; in [`MarkMode::Manual`] the test advances playback with [`FakeTwilio::play`].
+//!
+//! [`FakeTwilio::connect`] sends nothing: a test that never calls `send_start` keeps a stream
+//! open that never starts. [`FakeTwilio::pause_reading`] stops reading the socket, so that
+//! the service's writes back up.
 //!
 //! Everything runs on the test's actix runtime (awc is `!Send`): state is `Rc<RefCell<_>>`, a
 //! background task reads the socket, and all writes go through one async lock on the sink so
@@ -15,7 +21,6 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::VecDeque,
     pin::Pin,
     rc::Rc,
     time::{Duration, Instant},
@@ -27,12 +32,18 @@ use awc::{
     ws::{CloseCode, CloseReason, Frame, Message},
 };
 use base64::prelude::*;
+use callbridge_fakes::{
+    clip,
+    playback::Playback,
+    twilio::{decode_payload, parse_service_message, ServiceMessage},
+};
 use futures_util::{
     future::{AbortHandle, Abortable},
     lock::Mutex as AsyncMutex,
     Sink, SinkExt as _, Stream, StreamExt as _,
 };
 use serde_json::{json, Map, Value};
+use tokio::sync::watch;
 
 /// How long the `async` waits of this module wait.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -56,15 +67,6 @@ pub enum MarkMode {
     /// Audio is queued; [`FakeTwilio::play`] advances playback; marks are echoed when the
     /// audio before them has been played (or at once if nothing is buffered).
     Manual,
-}
-
-/// An entry of the outbound playback queue.
-#[derive(Debug)]
-enum Queued {
-    /// Unplayed µ-law bytes.
-    Audio(usize),
-    /// A mark waiting for the audio before it.
-    Mark(String),
 }
 
 type WsSink = Pin<Box<dyn Sink<Message, Error = WsProtocolError>>>;
@@ -93,7 +95,8 @@ struct State {
     marks_echoed: Vec<String>,
     clear_count: usize,
     mode: MarkMode,
-    queue: VecDeque<Queued>,
+    /// Twilio's outbound buffer (in Immediate mode everything is played on arrival).
+    playback: Playback,
     played_bytes: usize,
     cleared_bytes: usize,
     closed: bool,
@@ -115,13 +118,7 @@ impl State {
     }
 
     fn buffered_bytes(&self) -> usize {
-        self.queue
-            .iter()
-            .map(|q| match q {
-                Queued::Audio(n) => *n,
-                Queued::Mark(_) => 0,
-            })
-            .sum()
+        self.playback.buffered()
     }
 
     /// Handles one text frame from the service; returns the marks to echo now.
@@ -132,95 +129,42 @@ impl State {
                 self.events.push(Value::String(text.to_owned()));
                 self.violate(format!(
                     "31951 Invalid Message: not JSON ({e}): {}",
-                    super::clip(text, CLIP)
+                    clip(text, CLIP)
                 ));
                 return Vec::new();
             }
         };
-        self.events.push(value.clone());
-        match self.validate(&value) {
+        self.events.push(value);
+        match self.validate(text) {
             Ok(outbound) => self.apply(outbound),
             Err(why) => {
                 // Twilio drops an invalid message (and warns once per stream).
                 self.violate(format!(
                     "31951 Invalid Message: {why}: {}",
-                    super::clip(text, CLIP)
+                    clip(text, CLIP)
                 ));
                 Vec::new()
             }
         }
     }
 
-    /// The A3 rules: exact key sets, no `sequenceNumber`/`track`, the `start`'s `streamSid`,
-    /// nothing before `start`.
-    fn validate(&self, v: &Value) -> Result<Outbound, String> {
-        let Some(obj) = v.as_object() else {
-            return Err("not a JSON object".into());
-        };
+    /// The A3 rules (`callbridge_fakes::twilio`: exact key sets, no `sequenceNumber` or
+    /// `track`, this stream's `streamSid`, strict base64 of raw µ-law), and nothing before
+    /// `start`.
+    fn validate(&self, text: &str) -> Result<Outbound, String> {
         if !self.start_sent {
             return Err("message sent before Twilio sent `start` (no streamSid exists yet)".into());
         }
-        if obj.contains_key("sequenceNumber") {
-            return Err("outbound messages carry no `sequenceNumber`".into());
-        }
-        if obj.contains_key("track") || v["media"].get("track").is_some() {
-            return Err("outbound messages carry no `track`".into());
-        }
-        let event = match obj.get("event") {
-            Some(Value::String(e)) => e.as_str(),
-            Some(_) => return Err("`event` is not a string".into()),
-            None => return Err("missing `event`".into()),
-        };
-        let (keys, inner): (&[&str], Option<(&str, &[&str])>) = match event {
-            "media" => (
-                &["event", "streamSid", "media"],
-                Some(("media", &["payload"])),
-            ),
-            "mark" => (&["event", "streamSid", "mark"], Some(("mark", &["name"]))),
-            "clear" => (&["event", "streamSid"], None),
-            other => {
-                return Err(format!(
-                    "unknown outbound event `{other}` (only media, mark, clear)"
-                ))
+        let sid = self.stream_sid.as_deref().unwrap_or_default();
+        match parse_service_message(text, sid)? {
+            ServiceMessage::Media { payload } => {
+                let mut audio = Vec::new();
+                decode_payload(&payload, &mut audio)?;
+                Ok(Outbound::Media(audio))
             }
-        };
-        exact_keys(obj, keys, "")?;
-        match obj.get("streamSid") {
-            Some(Value::String(sid)) if Some(sid) == self.stream_sid.as_ref() => {}
-            Some(other) => {
-                return Err(format!(
-                    "streamSid {other} is not the stream's {:?}",
-                    self.stream_sid.as_deref().unwrap_or_default()
-                ))
-            }
-            None => unreachable!("checked by exact_keys"),
+            ServiceMessage::Mark { name } => Ok(Outbound::Mark(name.into_owned())),
+            ServiceMessage::Clear => Ok(Outbound::Clear),
         }
-        let Some((name, inner_keys)) = inner else {
-            return Ok(Outbound::Clear);
-        };
-        let Some(inner) = obj[name].as_object() else {
-            return Err(format!("`{name}` is not an object"));
-        };
-        exact_keys(inner, inner_keys, name)?;
-        if event == "mark" {
-            return match &inner["name"] {
-                Value::String(n) => Ok(Outbound::Mark(n.clone())),
-                other => Err(format!("mark.name {other} is not a string")),
-            };
-        }
-        let Value::String(payload) = &inner["payload"] else {
-            return Err("media.payload is not a string".into());
-        };
-        if payload.is_empty() {
-            return Err("media.payload is empty".into());
-        }
-        let audio = BASE64_STANDARD
-            .decode(payload)
-            .map_err(|e| format!("media.payload is not valid base64 ({e})"))?;
-        if audio.starts_with(b"RIFF") || audio.starts_with(b".snd") {
-            return Err("media.payload carries a WAV/AU file header (raw µ-law only)".into());
-        }
-        Ok(Outbound::Media(audio))
     }
 
     /// The playback model; returns the marks to echo now.
@@ -228,59 +172,32 @@ impl State {
         match outbound {
             Outbound::Media(audio) => {
                 self.media_count += 1;
-                match self.mode {
-                    MarkMode::Immediate => self.played_bytes += audio.len(),
-                    MarkMode::Manual => self.queue.push_back(Queued::Audio(audio.len())),
-                }
+                self.playback.push_audio(&audio);
                 self.received_audio.extend_from_slice(&audio);
-                Vec::new()
-            }
-            Outbound::Mark(name) => {
-                self.marks_received.push(name.clone());
-                if self.mode == MarkMode::Immediate || self.buffered_bytes() == 0 {
-                    vec![name]
+                if self.mode == MarkMode::Immediate {
+                    self.advance(usize::MAX)
                 } else {
-                    self.queue.push_back(Queued::Mark(name));
                     Vec::new()
                 }
             }
+            Outbound::Mark(name) => {
+                self.marks_received.push(name.clone());
+                self.playback.push_mark(name).into_iter().collect()
+            }
             Outbound::Clear => {
                 self.clear_count += 1;
-                let mut echoes = Vec::new();
-                for q in self.queue.drain(..) {
-                    match q {
-                        Queued::Audio(n) => self.cleared_bytes += n,
-                        Queued::Mark(name) => echoes.push(name),
-                    }
-                }
-                echoes
+                let cleared = self.playback.clear();
+                self.cleared_bytes += cleared.bytes;
+                cleared.marks
             }
         }
     }
 
     /// Plays up to `bytes` of queued audio; returns the marks whose audio is now played.
-    fn advance(&mut self, mut bytes: usize) -> Vec<String> {
-        let mut echoes = Vec::new();
-        while let Some(front) = self.queue.front_mut() {
-            match front {
-                Queued::Mark(_) => {
-                    if let Some(Queued::Mark(name)) = self.queue.pop_front() {
-                        echoes.push(name);
-                    }
-                }
-                Queued::Audio(_) if bytes == 0 => break,
-                Queued::Audio(n) => {
-                    let take = (*n).min(bytes);
-                    *n -= take;
-                    bytes -= take;
-                    self.played_bytes += take;
-                    if *n == 0 {
-                        self.queue.pop_front();
-                    }
-                }
-            }
-        }
-        echoes
+    fn advance(&mut self, bytes: usize) -> Vec<String> {
+        let played = self.playback.advance(bytes);
+        self.played_bytes += played.bytes;
+        played.marks
     }
 }
 
@@ -291,26 +208,13 @@ enum Outbound {
     Clear,
 }
 
-fn exact_keys(obj: &Map<String, Value>, keys: &[&str], within: &str) -> Result<(), String> {
-    let at = if within.is_empty() {
-        String::new()
-    } else {
-        format!(" in `{within}`")
-    };
-    if let Some(extra) = obj.keys().find(|k| !keys.contains(&k.as_str())) {
-        return Err(format!("unexpected key `{extra}`{at}"));
-    }
-    if let Some(missing) = keys.iter().find(|k| !obj.contains_key(**k)) {
-        return Err(format!("missing key `{missing}`{at}"));
-    }
-    Ok(())
-}
-
 /// The fake caller. Dropping it drops the connection.
 pub struct FakeTwilio {
     state: Rc<RefCell<State>>,
     sink: SharedSink,
     reader: AbortHandle,
+    /// `true` while the reader must not read the socket.
+    paused: watch::Sender<bool>,
     /// Clears already returned by `wait_clear`.
     clears_awaited: Cell<usize>,
 }
@@ -360,7 +264,7 @@ impl FakeTwilio {
             marks_echoed: Vec::new(),
             clear_count: 0,
             mode: MarkMode::Immediate,
-            queue: VecDeque::new(),
+            playback: Playback::new(false),
             played_bytes: 0,
             cleared_bytes: 0,
             closed: false,
@@ -370,7 +274,8 @@ impl FakeTwilio {
         }));
         let sink: SharedSink = Rc::new(AsyncMutex::new(Some(sink)));
         let (reader, registration) = AbortHandle::new_pair();
-        let task = read_loop(stream, state.clone(), sink.clone());
+        let (paused, paused_rx) = watch::channel(false);
+        let task = read_loop(stream, state.clone(), sink.clone(), paused_rx);
         let st = state.clone();
         actix_web::rt::spawn(async move {
             let _ = Abortable::new(task, registration).await;
@@ -380,6 +285,7 @@ impl FakeTwilio {
             state,
             sink,
             reader,
+            paused,
             clears_awaited: Cell::new(0),
         }
     }
@@ -514,6 +420,23 @@ impl FakeTwilio {
         }
         self.reader.abort();
         self.sink.lock().await.take();
+    }
+
+    /// Stops reading the socket: from now on nothing the service sends is read (its writes
+    /// back up in the kernel buffers, then in the service), while this side can still send.
+    /// Messages already read stay recorded.
+    pub fn pause_reading(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// Reads the socket again (what the service wrote meanwhile is then read in order).
+    pub fn resume_reading(&self) {
+        self.paused.send_replace(false);
+    }
+
+    /// Reading is paused by [`Self::pause_reading`].
+    pub fn is_reading_paused(&self) -> bool {
+        *self.paused.borrow()
     }
 
     // ----- playback
@@ -771,8 +694,32 @@ async fn echo_marks(sink: &SharedSink, state: &Rc<RefCell<State>>, names: Vec<St
 }
 
 /// Reads the service's frames until the socket ends; never panics.
-async fn read_loop(mut stream: WsStream, state: Rc<RefCell<State>>, sink: SharedSink) {
-    while let Some(frame) = stream.next().await {
+async fn read_loop(
+    mut stream: WsStream,
+    state: Rc<RefCell<State>>,
+    sink: SharedSink,
+    mut paused: watch::Receiver<bool>,
+) {
+    loop {
+        if *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                break;
+            }
+            continue;
+        }
+        // A pause interrupts the wait for a frame; `next` loses nothing when cancelled.
+        // `biased`: a pause that comes with a frame ready wins, so nothing is read after it.
+        let frame = tokio::select! {
+            biased;
+            changed = paused.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+            frame = stream.next() => frame,
+        };
+        let Some(frame) = frame else { break };
         match frame {
             Ok(Frame::Text(bytes)) => {
                 let echoes = match std::str::from_utf8(&bytes) {
