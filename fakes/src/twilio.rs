@@ -69,6 +69,14 @@ impl Caller {
         format!("CA{n:032x}")
     }
 
+    /// Gives the call its ids once they are known: a caller that connects and sends (or
+    /// not) before it sends `start`, as the tests' fake does, learns them from the test.
+    /// Sequence numbers, chunks and the clock go on.
+    pub fn set_ids(&mut self, stream_sid: impl Into<String>, call_sid: impl Into<String>) {
+        self.stream_sid = stream_sid.into();
+        self.call_sid = call_sid.into();
+    }
+
     /// This call's `streamSid`.
     pub fn stream_sid(&self) -> &str {
         &self.stream_sid
@@ -152,7 +160,7 @@ impl Caller {
     }
 
     /// A keypad digit (note Twilio's `inbound_track` spelling here).
-    pub fn dtmf(&mut self, digit: char) -> String {
+    pub fn dtmf(&mut self, digit: impl std::fmt::Display) -> String {
         let seq = self.next_seq();
         serde_json::json!({
             "event": "dtmf",

@@ -35,14 +35,14 @@ use base64::prelude::*;
 use callbridge_fakes::{
     clip,
     playback::Playback,
-    twilio::{decode_payload, parse_service_message, ServiceMessage},
+    twilio::{decode_payload, parse_service_message, Caller, ServiceMessage},
 };
 use futures_util::{
     future::{AbortHandle, Abortable},
     lock::Mutex as AsyncMutex,
     Sink, SinkExt as _, Stream, StreamExt as _,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::watch;
 
 /// How long the `async` waits of this module wait.
@@ -54,7 +54,7 @@ const POLL: Duration = Duration::from_millis(5);
 const BYTES_PER_MS: u64 = 8;
 
 /// The account SID every fake call belongs to.
-pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
+pub use callbridge_fakes::twilio::ACCOUNT_SID;
 
 /// Violations quote the offending message, clipped to this many bytes.
 const CLIP: usize = 300;
@@ -78,12 +78,9 @@ struct State {
     stream_sid: Option<String>,
     call_sid: Option<String>,
     start_sent: bool,
-    /// Next `sequenceNumber` (every message after `connected`, starting at 1).
-    next_seq: u64,
-    /// Next media `chunk` (starts at 1).
-    next_chunk: u64,
-    /// Presentation time of the next inbound media, in ms since stream start.
-    timestamp_ms: u64,
+    /// What Twilio sends (`sequenceNumber`s, chunks, the media clock), built by
+    /// `callbridge_fakes::twilio::Caller`; its ids are set by `send_start`.
+    caller: Caller,
     violations: Vec<String>,
     /// Every message from the service, in order: parsed JSON (valid or not), non-JSON text as
     /// a JSON string, binary frames as `{"binary_frame": len}`.
@@ -109,12 +106,6 @@ struct State {
 impl State {
     fn violate(&mut self, msg: String) {
         self.violations.push(msg);
-    }
-
-    fn alloc_seq(&mut self) -> String {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        seq.to_string()
     }
 
     fn buffered_bytes(&self) -> usize {
@@ -253,9 +244,7 @@ impl FakeTwilio {
             stream_sid: None,
             call_sid: None,
             start_sent: false,
-            next_seq: 1,
-            next_chunk: 1,
-            timestamp_ms: 0,
+            caller: Caller::new("", ""),
             violations: Vec::new(),
             events: Vec::new(),
             received_audio: Vec::new(),
@@ -294,8 +283,7 @@ impl FakeTwilio {
 
     /// `{"event":"connected","protocol":"Call","version":"1.0.0"}` (no sequenceNumber).
     pub async fn send_connected(&self) -> bool {
-        self.send_json(|_| json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-            .await
+        self.send_text(|st| st.caller.connected()).await
     }
 
     /// The `start` message; from now on the service may (and must use this `streamSid` to)
@@ -306,20 +294,16 @@ impl FakeTwilio {
         call_sid: &str,
         custom_parameters: &[(&str, &str)],
     ) -> bool {
-        let params: Map<String, Value> = custom_parameters
+        let params: Vec<(String, String)> = custom_parameters
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        self.send_json(|st| {
+        self.send_text(|st| {
             st.stream_sid = Some(stream_sid.to_owned());
             st.call_sid = Some(call_sid.to_owned());
             st.start_sent = true;
-            json!({"event": "start", "sequenceNumber": st.alloc_seq(),
-                "start": {"accountSid": ACCOUNT_SID, "streamSid": stream_sid, "callSid": call_sid,
-                    "tracks": ["inbound"],
-                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                    "customParameters": params},
-                "streamSid": stream_sid})
+            st.caller.set_ids(stream_sid, call_sid);
+            st.caller.start(&params)
         })
         .await
     }
@@ -341,44 +325,22 @@ impl FakeTwilio {
     /// counts from 1; `timestamp` is the presentation time (0 for the first chunk) and
     /// advances by the payload's duration (20 ms per 160 bytes).
     pub async fn send_media(&self, payload: &[u8]) -> bool {
-        let b64 = BASE64_STANDARD.encode(payload);
-        self.send_json(|st| {
-            let chunk = st.next_chunk;
-            st.next_chunk += 1;
-            let timestamp = st.timestamp_ms;
-            st.timestamp_ms += payload.len() as u64 / BYTES_PER_MS;
-            json!({"event": "media", "sequenceNumber": st.alloc_seq(),
-                "media": {"track": "inbound", "chunk": chunk.to_string(),
-                    "timestamp": timestamp.to_string(), "payload": b64},
-                "streamSid": st.stream_sid.clone().unwrap_or_default()})
-        })
-        .await
+        self.send_text(|st| st.caller.media(payload)).await
     }
 
     /// Advances the inbound clock without sending (a lost or late packet).
     pub fn skip_inbound_ms(&self, ms: u64) {
-        self.state.borrow_mut().timestamp_ms += ms;
+        self.state.borrow_mut().caller.skip_ms(ms);
     }
 
     /// A `dtmf` message (note Twilio's `inbound_track` spelling here).
     pub async fn send_dtmf(&self, digit: &str) -> bool {
-        self.send_json(|st| {
-            json!({"event": "dtmf", "streamSid": st.stream_sid.clone().unwrap_or_default(),
-                "sequenceNumber": st.alloc_seq(),
-                "dtmf": {"track": "inbound_track", "digit": digit}})
-        })
-        .await
+        self.send_text(|st| st.caller.dtmf(digit)).await
     }
 
     /// A `stop` message (the call ended). Twilio then closes the socket: see [`Self::hang_up`].
     pub async fn send_stop(&self) -> bool {
-        self.send_json(|st| {
-            json!({"event": "stop", "sequenceNumber": st.alloc_seq(),
-                "stop": {"accountSid": ACCOUNT_SID,
-                    "callSid": st.call_sid.clone().unwrap_or_default()},
-                "streamSid": st.stream_sid.clone().unwrap_or_default()})
-        })
-        .await
+        self.send_text(|st| st.caller.stop()).await
     }
 
     /// What Twilio does when the caller hangs up: `stop`, then close the socket.
@@ -621,9 +583,8 @@ impl FakeTwilio {
         }
     }
 
-    async fn send_json(&self, build: impl FnOnce(&mut State) -> Value) -> bool {
-        self.write(|st| Some(Message::Text(build(st).to_string().into())))
-            .await
+    async fn send_text(&self, build: impl FnOnce(&mut State) -> String) -> bool {
+        self.write(|st| Some(Message::Text(build(st).into()))).await
     }
 
     async fn write(&self, build: impl FnOnce(&mut State) -> Option<Message>) -> bool {
@@ -685,9 +646,7 @@ async fn echo_marks(sink: &SharedSink, state: &Rc<RefCell<State>>, names: Vec<St
     for name in names {
         write_with(sink, state, |st| {
             st.marks_echoed.push(name.clone());
-            let echo = json!({"event": "mark", "sequenceNumber": st.alloc_seq(),
-                "streamSid": st.stream_sid.clone().unwrap_or_default(), "mark": {"name": name}});
-            Some(Message::Text(echo.to_string().into()))
+            Some(Message::Text(st.caller.mark(&name).into()))
         })
         .await;
     }
