@@ -7,7 +7,11 @@ use base64::prelude::*;
 use callbridge_fakes::openai::{serve, EchoConfig, FakeOpenAi, FakeStats};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
-use tokio::{net::TcpStream, time::timeout};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    time::timeout,
+};
 use tokio_tungstenite::{
     tungstenite::{client::IntoClientRequest as _, http::HeaderValue, Message},
     MaybeTlsStream, WebSocketStream,
@@ -127,6 +131,23 @@ async fn upgrades_are_checked() {
     );
     assert_eq!(fake.session_count(), 1);
     assert_eq!(fake.handshakes().last().unwrap().status, 101);
+
+    // A GET that is no websocket upgrade never reaches the checks: a violation of its own.
+    let mut raw = TcpStream::connect(fake.addr()).await.unwrap();
+    raw.write_all(b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = timeout(Duration::from_secs(5), raw.read_to_end(&mut answer)).await;
+    for _ in 0..100 {
+        if fake.violations().len() == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let violations = fake.violations();
+    assert_eq!(violations.len(), 5, "{violations:?}");
+    assert!(violations[4].contains("not a websocket upgrade request"));
 }
 
 /// While a session's reader is paused nothing the client sends is read (its sends back up),

@@ -443,15 +443,26 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
         Some(ws_config()),
     )
     .await;
-    let ws = match (accepted, checked) {
+    let (ws, handshake) = match (accepted, checked) {
         (Ok(ws), Some(Ok(handshake))) => (ws, handshake),
+        // The request never reached the checks: a malformed upgrade is the service's fault;
+        // a connection that ends before its request (an aborted connect) is not.
         (Err(e), None) => {
-            shared.violate(format!("not a websocket upgrade request: {e}"));
+            use tungstenite::{error::ProtocolError, Error};
+            if !matches!(
+                e,
+                Error::Io(_)
+                    | Error::ConnectionClosed
+                    | Error::AlreadyClosed
+                    | Error::Protocol(ProtocolError::HandshakeIncomplete)
+            ) {
+                shared.violate(format!("not a websocket upgrade request: {e}"));
+            }
             return;
         }
+        // Refused by the checks (already recorded), or the socket failed after them.
         _ => return,
     };
-    let (ws, handshake) = ws;
 
     if let Some(beta) = &handshake.beta_header {
         // What the real service has done since May 2026 (protocols.md §0.1).
