@@ -4,9 +4,8 @@ mod support;
 
 use std::time::Duration;
 
-use callbridge_actors::protocol::signature;
 use secrecy::SecretString;
-use support::{spawn_app, test_settings, FakeTwilio};
+use support::{compute_signature, spawn_app, test_settings, FakeTwilio};
 
 async fn post_voice(
     url: &str,
@@ -95,7 +94,7 @@ async fn twilio_signatures_are_checked_when_a_token_is_set() {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let good = signature::compute(token, "https://bridge.example.com/voice", &params);
+    let good = compute_signature(token, "https://bridge.example.com/voice", &params);
     let (status, _, body) = post_voice(&app.http("/voice"), FORM, Some(&good)).await;
     assert_eq!(status, 200, "{body}");
 
@@ -103,7 +102,7 @@ async fn twilio_signatures_are_checked_when_a_token_is_set() {
         FakeTwilio::connect_expect_status(&app.ws_url(), &[]).await,
         403
     );
-    let ws_sig = signature::compute(token, "wss://bridge.example.com/media-stream", &[]);
+    let ws_sig = compute_signature(token, "wss://bridge.example.com/media-stream", &[]);
     let caller =
         FakeTwilio::connect_with_headers(&app.ws_url(), &[("X-Twilio-Signature", &ws_sig)]).await;
     caller.start_call("MZ1", "CA1", &[]).await;

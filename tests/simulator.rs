@@ -7,10 +7,10 @@ mod support;
 use std::sync::Arc;
 
 use callbridge::settings::UpstreamMode;
+use callbridge_fakes::openai::{self as fake_openai, EchoConfig, FakeStats};
 use callbridge_sim::{
     audio,
     call::{self, CallOptions},
-    fake_openai::{self, FakeConfig, FakeStats},
     load::{self, LoadOptions, Protocol},
     ws::TwilioAuth,
 };
@@ -18,7 +18,7 @@ use secrecy::SecretString;
 use support::{spawn_app, test_settings, TEST_OPENAI_KEY};
 
 /// Starts the simulator's fake OpenAI Realtime server on 127.0.0.1:0.
-async fn start_fake_openai(config: FakeConfig) -> (String, Arc<FakeStats>) {
+async fn start_fake_openai(config: EchoConfig) -> (String, Arc<FakeStats>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0");
@@ -82,7 +82,7 @@ async fn a_16khz_pcm_file_is_converted_and_echoed() {
 /// frame comes back, untouched and exactly once; every mark is echoed as Twilio would.
 #[actix_rt::test]
 async fn a_small_load_through_the_openai_leg_loses_nothing() {
-    let (url, stats) = start_fake_openai(FakeConfig::default()).await;
+    let (url, stats) = start_fake_openai(EchoConfig::default()).await;
     let mut settings = test_settings();
     settings.upstream = UpstreamMode::OpenAi;
     settings.openai.url = url.clone();
@@ -173,7 +173,7 @@ async fn signed_upgrades_work_against_a_secured_service() {
 /// call ended).
 #[actix_rt::test]
 async fn more_than_a_hundred_calls_are_bridged_at_once() {
-    let (url, stats) = start_fake_openai(FakeConfig::default()).await;
+    let (url, stats) = start_fake_openai(EchoConfig::default()).await;
     let mut settings = test_settings();
     settings.upstream = UpstreamMode::OpenAi;
     settings.openai.url = url;

@@ -14,7 +14,7 @@
 use std::f64::consts::PI;
 use std::fmt;
 
-use callbridge_actors::protocol::g711;
+use callbridge_fakes::g711;
 
 /// The caller's line rate.
 pub const SAMPLE_RATE: u32 = 8000;

@@ -12,16 +12,18 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use base64::prelude::*;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{
+use callbridge_fakes::{
     playback::Playback,
-    twilio::{parse_service_message, Caller, ServiceMessage, BYTES_PER_MS, FRAME_BYTES},
-    ws::{connect_twilio, Socket, TwilioAuth},
+    twilio::{
+        decode_payload, parse_service_message, Caller, ServiceMessage, BYTES_PER_MS, FRAME_BYTES,
+    },
 };
+
+use crate::ws::{connect_twilio, Socket, TwilioAuth};
 
 /// One frame of audio every 20 ms.
 const FRAME: Duration = Duration::from_millis(20);
@@ -201,6 +203,7 @@ pub async fn run(options: CallOptions) -> anyhow::Result<CallReport> {
     let mut input_done: Option<Instant> = None;
     let mut last_audio = started;
     let mut to_echo: Vec<String> = Vec::new();
+    let mut audio = Vec::with_capacity(FRAME_BYTES);
 
     loop {
         tokio::select! {
@@ -240,8 +243,8 @@ pub async fn run(options: CallOptions) -> anyhow::Result<CallReport> {
             frame = ws.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     match parse_service_message(text.as_str(), caller.stream_sid()) {
-                        Ok(ServiceMessage::Media { payload }) => match BASE64_STANDARD.decode(payload) {
-                            Ok(audio) => {
+                        Ok(ServiceMessage::Media { payload }) => match decode_payload(&payload, &mut audio) {
+                            Ok(()) => {
                                 if report.first_audio_ms.is_none() {
                                     let ms = started.elapsed().as_millis() as u64;
                                     report.first_audio_ms = Some(ms);
@@ -251,7 +254,7 @@ pub async fn run(options: CallOptions) -> anyhow::Result<CallReport> {
                                 last_audio = Instant::now();
                                 playback.push_audio(&audio);
                             }
-                            Err(e) => invalid(&mut report, &mut timeline, format!("media.payload is not base64: {e}")),
+                            Err(why) => invalid(&mut report, &mut timeline, why),
                         },
                         Ok(ServiceMessage::Mark { name }) => {
                             to_echo.extend(playback.push_mark(name.into_owned()));

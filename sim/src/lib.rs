@@ -2,16 +2,16 @@
 //!
 //! - [`call`]: one simulated Twilio call that plays a WAV file and records the reply;
 //! - [`load`]: many concurrent simulated calls, each frame tagged and matched on its way back;
-//! - [`fake_openai`]: a stand-in OpenAI Realtime GA server that echoes the caller's audio.
+//! - `fake-openai` (in `main.rs`): the echo mode of [`callbridge_fakes::openai`], a stand-in
+//!   OpenAI Realtime GA server that echoes the caller's audio.
 //!
-//! The pure parts ([`twilio`], [`playback`], [`audio`], [`stats`], [`procstat`]) have no I/O.
+//! The pure parts ([`audio`], [`stats`], [`procstat`]) have no I/O. Twilio's wire shapes,
+//! playback model, request signing and G.711 come from `callbridge-fakes`, never from the
+//! bridge's own crates: the simulator is a witness, not a copy.
 
 pub mod audio;
 pub mod call;
-pub mod fake_openai;
 pub mod load;
-pub mod playback;
 pub mod procstat;
 pub mod stats;
-pub mod twilio;
 pub mod ws;

@@ -26,11 +26,14 @@ use serde::{Deserialize, Serialize};
 use tokio::time::{interval_at, sleep_until, timeout, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{
+use callbridge_fakes::{
     playback::Playback,
+    twilio::{decode_payload, parse_service_message, Caller, ServiceMessage, FRAME_BYTES},
+};
+
+use crate::{
     procstat,
     stats::Percentiles,
-    twilio::{parse_service_message, Caller, ServiceMessage, FRAME_BYTES},
     ws::{connect_openai, connect_twilio, Socket, TwilioAuth},
 };
 
@@ -472,8 +475,7 @@ async fn twilio_call(options: &LoadOptions, t: &mut Tracker) -> anyhow::Result<(
             frame = ws.next() => match frame {
                 Some(Ok(Message::Text(text))) => match parse_service_message(text.as_str(), caller.stream_sid()) {
                     Ok(ServiceMessage::Media { payload }) => {
-                        decoded.clear();
-                        match BASE64_STANDARD.decode_vec(payload, &mut decoded) {
+                        match decode_payload(&payload, &mut decoded) {
                             Ok(()) => {
                                 t.on_echo(&decoded);
                                 playback.push_audio(&decoded);

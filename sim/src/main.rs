@@ -3,10 +3,10 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _};
+use callbridge_fakes::openai::{self as fake_openai, EchoConfig, FakeStats};
 use callbridge_sim::{
     audio,
     call::{self, CallOptions},
-    fake_openai::{self, FakeConfig, FakeStats},
     load::{self, LoadOptions, Protocol},
     ws::TwilioAuth,
 };
@@ -220,7 +220,7 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
     ])?;
     let host = args.get("host").unwrap_or("127.0.0.1").to_owned();
     let port: u16 = args.number("port", 9090)?;
-    let config = FakeConfig {
+    let config = EchoConfig {
         turn_ms: args.number("turn-ms", 5000)?,
         barge_in_every_ms: args.number("barge-in-every-ms", 0)?,
         api_key: if args.flag("require-key") {

@@ -8,7 +8,7 @@ use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
 };
 
-use crate::twilio::{self, USER_AGENT};
+use callbridge_fakes::twilio::{self, USER_AGENT};
 
 /// An open client websocket.
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;

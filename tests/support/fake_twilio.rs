@@ -2,12 +2,18 @@
 //! that sends exactly what Twilio sends (`reference/protocols.md` A2) and validates exactly
 //! what the service may send back (A3), recording every deviation as a violation.
 //!
-//! It also models Twilio's playback of outbound audio, which is what makes barge-in testable:
-//! outbound `media` is queued and played in order; a `mark` is echoed when the audio queued
-//! before it has been played, or at once if nothing is buffered; `clear` drops the queue and
-//! echoes every pending mark (so an echo does not prove playback, protocols.md §0.4). In
-//! [`MarkMode::Immediate`] (the default) audio counts as played on arrival; in
-//! [`MarkMode::Manual`] the test advances playback with [`FakeTwilio::play`].
+//! What the service sends is judged by `callbridge_fakes::twilio::parse_service_message` and
+//! `decode_payload` (the simulator's rules too), and played through
+//! `callbridge_fakes::playback::Playback`, the one model of Twilio's outbound buffer, which is
+//! what makes barge-in testable: outbound `media` is queued and played in order; a `mark` is
+//! echoed when the audio queued before it has been played, or at once if nothing is buffered;
+//! `clear` drops the queue and echoes every pending mark (so an echo does not prove playback,
+//! protocols.md §0.4). In [`MarkMode::Immediate`] (the default) audio counts as played on
+//! arrival; in [`MarkMode::Manual`] the test advances playback with [`FakeTwilio::play`].
+//!
+//! [`FakeTwilio::connect`] sends nothing: a test that never calls `send_start` keeps a stream
+//! open that never starts. [`FakeTwilio::pause_reading`] stops reading the socket, so that
+//! the service's writes back up.
 //!
 //! Everything runs on the test's actix runtime (awc is `!Send`): state is `Rc<RefCell<_>>`, a
 //! background task reads the socket, and all writes go through one async lock on the sink so
@@ -15,7 +21,6 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::VecDeque,
     pin::Pin,
     rc::Rc,
     time::{Duration, Instant},
@@ -27,12 +32,18 @@ use awc::{
     ws::{CloseCode, CloseReason, Frame, Message},
 };
 use base64::prelude::*;
+use callbridge_fakes::{
+    clip,
+    playback::Playback,
+    twilio::{decode_payload, parse_service_message, Caller, ServiceMessage},
+};
 use futures_util::{
     future::{AbortHandle, Abortable},
     lock::Mutex as AsyncMutex,
     Sink, SinkExt as _, Stream, StreamExt as _,
 };
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+use tokio::sync::watch;
 
 /// How long the `async` waits of this module wait.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,7 +54,7 @@ const POLL: Duration = Duration::from_millis(5);
 const BYTES_PER_MS: u64 = 8;
 
 /// The account SID every fake call belongs to.
-pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
+pub use callbridge_fakes::twilio::ACCOUNT_SID;
 
 /// Violations quote the offending message, clipped to this many bytes.
 const CLIP: usize = 300;
@@ -58,15 +69,6 @@ pub enum MarkMode {
     Manual,
 }
 
-/// An entry of the outbound playback queue.
-#[derive(Debug)]
-enum Queued {
-    /// Unplayed µ-law bytes.
-    Audio(usize),
-    /// A mark waiting for the audio before it.
-    Mark(String),
-}
-
 type WsSink = Pin<Box<dyn Sink<Message, Error = WsProtocolError>>>;
 type WsStream = Pin<Box<dyn Stream<Item = Result<Frame, WsProtocolError>>>>;
 type SharedSink = Rc<AsyncMutex<Option<WsSink>>>;
@@ -76,12 +78,9 @@ struct State {
     stream_sid: Option<String>,
     call_sid: Option<String>,
     start_sent: bool,
-    /// Next `sequenceNumber` (every message after `connected`, starting at 1).
-    next_seq: u64,
-    /// Next media `chunk` (starts at 1).
-    next_chunk: u64,
-    /// Presentation time of the next inbound media, in ms since stream start.
-    timestamp_ms: u64,
+    /// What Twilio sends (`sequenceNumber`s, chunks, the media clock), built by
+    /// `callbridge_fakes::twilio::Caller`; its ids are set by `send_start`.
+    caller: Caller,
     violations: Vec<String>,
     /// Every message from the service, in order: parsed JSON (valid or not), non-JSON text as
     /// a JSON string, binary frames as `{"binary_frame": len}`.
@@ -93,7 +92,8 @@ struct State {
     marks_echoed: Vec<String>,
     clear_count: usize,
     mode: MarkMode,
-    queue: VecDeque<Queued>,
+    /// Twilio's outbound buffer (in Immediate mode everything is played on arrival).
+    playback: Playback,
     played_bytes: usize,
     cleared_bytes: usize,
     closed: bool,
@@ -108,20 +108,8 @@ impl State {
         self.violations.push(msg);
     }
 
-    fn alloc_seq(&mut self) -> String {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        seq.to_string()
-    }
-
     fn buffered_bytes(&self) -> usize {
-        self.queue
-            .iter()
-            .map(|q| match q {
-                Queued::Audio(n) => *n,
-                Queued::Mark(_) => 0,
-            })
-            .sum()
+        self.playback.buffered()
     }
 
     /// Handles one text frame from the service; returns the marks to echo now.
@@ -132,95 +120,42 @@ impl State {
                 self.events.push(Value::String(text.to_owned()));
                 self.violate(format!(
                     "31951 Invalid Message: not JSON ({e}): {}",
-                    super::clip(text, CLIP)
+                    clip(text, CLIP)
                 ));
                 return Vec::new();
             }
         };
-        self.events.push(value.clone());
-        match self.validate(&value) {
+        self.events.push(value);
+        match self.validate(text) {
             Ok(outbound) => self.apply(outbound),
             Err(why) => {
                 // Twilio drops an invalid message (and warns once per stream).
                 self.violate(format!(
                     "31951 Invalid Message: {why}: {}",
-                    super::clip(text, CLIP)
+                    clip(text, CLIP)
                 ));
                 Vec::new()
             }
         }
     }
 
-    /// The A3 rules: exact key sets, no `sequenceNumber`/`track`, the `start`'s `streamSid`,
-    /// nothing before `start`.
-    fn validate(&self, v: &Value) -> Result<Outbound, String> {
-        let Some(obj) = v.as_object() else {
-            return Err("not a JSON object".into());
-        };
+    /// The A3 rules (`callbridge_fakes::twilio`: exact key sets, no `sequenceNumber` or
+    /// `track`, this stream's `streamSid`, strict base64 of raw µ-law), and nothing before
+    /// `start`.
+    fn validate(&self, text: &str) -> Result<Outbound, String> {
         if !self.start_sent {
             return Err("message sent before Twilio sent `start` (no streamSid exists yet)".into());
         }
-        if obj.contains_key("sequenceNumber") {
-            return Err("outbound messages carry no `sequenceNumber`".into());
-        }
-        if obj.contains_key("track") || v["media"].get("track").is_some() {
-            return Err("outbound messages carry no `track`".into());
-        }
-        let event = match obj.get("event") {
-            Some(Value::String(e)) => e.as_str(),
-            Some(_) => return Err("`event` is not a string".into()),
-            None => return Err("missing `event`".into()),
-        };
-        let (keys, inner): (&[&str], Option<(&str, &[&str])>) = match event {
-            "media" => (
-                &["event", "streamSid", "media"],
-                Some(("media", &["payload"])),
-            ),
-            "mark" => (&["event", "streamSid", "mark"], Some(("mark", &["name"]))),
-            "clear" => (&["event", "streamSid"], None),
-            other => {
-                return Err(format!(
-                    "unknown outbound event `{other}` (only media, mark, clear)"
-                ))
+        let sid = self.stream_sid.as_deref().unwrap_or_default();
+        match parse_service_message(text, sid)? {
+            ServiceMessage::Media { payload } => {
+                let mut audio = Vec::new();
+                decode_payload(&payload, &mut audio)?;
+                Ok(Outbound::Media(audio))
             }
-        };
-        exact_keys(obj, keys, "")?;
-        match obj.get("streamSid") {
-            Some(Value::String(sid)) if Some(sid) == self.stream_sid.as_ref() => {}
-            Some(other) => {
-                return Err(format!(
-                    "streamSid {other} is not the stream's {:?}",
-                    self.stream_sid.as_deref().unwrap_or_default()
-                ))
-            }
-            None => unreachable!("checked by exact_keys"),
+            ServiceMessage::Mark { name } => Ok(Outbound::Mark(name.into_owned())),
+            ServiceMessage::Clear => Ok(Outbound::Clear),
         }
-        let Some((name, inner_keys)) = inner else {
-            return Ok(Outbound::Clear);
-        };
-        let Some(inner) = obj[name].as_object() else {
-            return Err(format!("`{name}` is not an object"));
-        };
-        exact_keys(inner, inner_keys, name)?;
-        if event == "mark" {
-            return match &inner["name"] {
-                Value::String(n) => Ok(Outbound::Mark(n.clone())),
-                other => Err(format!("mark.name {other} is not a string")),
-            };
-        }
-        let Value::String(payload) = &inner["payload"] else {
-            return Err("media.payload is not a string".into());
-        };
-        if payload.is_empty() {
-            return Err("media.payload is empty".into());
-        }
-        let audio = BASE64_STANDARD
-            .decode(payload)
-            .map_err(|e| format!("media.payload is not valid base64 ({e})"))?;
-        if audio.starts_with(b"RIFF") || audio.starts_with(b".snd") {
-            return Err("media.payload carries a WAV/AU file header (raw µ-law only)".into());
-        }
-        Ok(Outbound::Media(audio))
     }
 
     /// The playback model; returns the marks to echo now.
@@ -228,59 +163,32 @@ impl State {
         match outbound {
             Outbound::Media(audio) => {
                 self.media_count += 1;
-                match self.mode {
-                    MarkMode::Immediate => self.played_bytes += audio.len(),
-                    MarkMode::Manual => self.queue.push_back(Queued::Audio(audio.len())),
-                }
+                self.playback.push_audio(&audio);
                 self.received_audio.extend_from_slice(&audio);
-                Vec::new()
-            }
-            Outbound::Mark(name) => {
-                self.marks_received.push(name.clone());
-                if self.mode == MarkMode::Immediate || self.buffered_bytes() == 0 {
-                    vec![name]
+                if self.mode == MarkMode::Immediate {
+                    self.advance(usize::MAX)
                 } else {
-                    self.queue.push_back(Queued::Mark(name));
                     Vec::new()
                 }
             }
+            Outbound::Mark(name) => {
+                self.marks_received.push(name.clone());
+                self.playback.push_mark(name).into_iter().collect()
+            }
             Outbound::Clear => {
                 self.clear_count += 1;
-                let mut echoes = Vec::new();
-                for q in self.queue.drain(..) {
-                    match q {
-                        Queued::Audio(n) => self.cleared_bytes += n,
-                        Queued::Mark(name) => echoes.push(name),
-                    }
-                }
-                echoes
+                let cleared = self.playback.clear();
+                self.cleared_bytes += cleared.bytes;
+                cleared.marks
             }
         }
     }
 
     /// Plays up to `bytes` of queued audio; returns the marks whose audio is now played.
-    fn advance(&mut self, mut bytes: usize) -> Vec<String> {
-        let mut echoes = Vec::new();
-        while let Some(front) = self.queue.front_mut() {
-            match front {
-                Queued::Mark(_) => {
-                    if let Some(Queued::Mark(name)) = self.queue.pop_front() {
-                        echoes.push(name);
-                    }
-                }
-                Queued::Audio(_) if bytes == 0 => break,
-                Queued::Audio(n) => {
-                    let take = (*n).min(bytes);
-                    *n -= take;
-                    bytes -= take;
-                    self.played_bytes += take;
-                    if *n == 0 {
-                        self.queue.pop_front();
-                    }
-                }
-            }
-        }
-        echoes
+    fn advance(&mut self, bytes: usize) -> Vec<String> {
+        let played = self.playback.advance(bytes);
+        self.played_bytes += played.bytes;
+        played.marks
     }
 }
 
@@ -291,26 +199,13 @@ enum Outbound {
     Clear,
 }
 
-fn exact_keys(obj: &Map<String, Value>, keys: &[&str], within: &str) -> Result<(), String> {
-    let at = if within.is_empty() {
-        String::new()
-    } else {
-        format!(" in `{within}`")
-    };
-    if let Some(extra) = obj.keys().find(|k| !keys.contains(&k.as_str())) {
-        return Err(format!("unexpected key `{extra}`{at}"));
-    }
-    if let Some(missing) = keys.iter().find(|k| !obj.contains_key(**k)) {
-        return Err(format!("missing key `{missing}`{at}"));
-    }
-    Ok(())
-}
-
 /// The fake caller. Dropping it drops the connection.
 pub struct FakeTwilio {
     state: Rc<RefCell<State>>,
     sink: SharedSink,
     reader: AbortHandle,
+    /// `true` while the reader must not read the socket.
+    paused: watch::Sender<bool>,
     /// Clears already returned by `wait_clear`.
     clears_awaited: Cell<usize>,
 }
@@ -349,9 +244,7 @@ impl FakeTwilio {
             stream_sid: None,
             call_sid: None,
             start_sent: false,
-            next_seq: 1,
-            next_chunk: 1,
-            timestamp_ms: 0,
+            caller: Caller::new("", ""),
             violations: Vec::new(),
             events: Vec::new(),
             received_audio: Vec::new(),
@@ -360,7 +253,7 @@ impl FakeTwilio {
             marks_echoed: Vec::new(),
             clear_count: 0,
             mode: MarkMode::Immediate,
-            queue: VecDeque::new(),
+            playback: Playback::new(false),
             played_bytes: 0,
             cleared_bytes: 0,
             closed: false,
@@ -370,7 +263,8 @@ impl FakeTwilio {
         }));
         let sink: SharedSink = Rc::new(AsyncMutex::new(Some(sink)));
         let (reader, registration) = AbortHandle::new_pair();
-        let task = read_loop(stream, state.clone(), sink.clone());
+        let (paused, paused_rx) = watch::channel(false);
+        let task = read_loop(stream, state.clone(), sink.clone(), paused_rx);
         let st = state.clone();
         actix_web::rt::spawn(async move {
             let _ = Abortable::new(task, registration).await;
@@ -380,6 +274,7 @@ impl FakeTwilio {
             state,
             sink,
             reader,
+            paused,
             clears_awaited: Cell::new(0),
         }
     }
@@ -388,8 +283,7 @@ impl FakeTwilio {
 
     /// `{"event":"connected","protocol":"Call","version":"1.0.0"}` (no sequenceNumber).
     pub async fn send_connected(&self) -> bool {
-        self.send_json(|_| json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-            .await
+        self.send_text(|st| st.caller.connected()).await
     }
 
     /// The `start` message; from now on the service may (and must use this `streamSid` to)
@@ -400,20 +294,16 @@ impl FakeTwilio {
         call_sid: &str,
         custom_parameters: &[(&str, &str)],
     ) -> bool {
-        let params: Map<String, Value> = custom_parameters
+        let params: Vec<(String, String)> = custom_parameters
             .iter()
-            .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        self.send_json(|st| {
+        self.send_text(|st| {
             st.stream_sid = Some(stream_sid.to_owned());
             st.call_sid = Some(call_sid.to_owned());
             st.start_sent = true;
-            json!({"event": "start", "sequenceNumber": st.alloc_seq(),
-                "start": {"accountSid": ACCOUNT_SID, "streamSid": stream_sid, "callSid": call_sid,
-                    "tracks": ["inbound"],
-                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                    "customParameters": params},
-                "streamSid": stream_sid})
+            st.caller.set_ids(stream_sid, call_sid);
+            st.caller.start(&params)
         })
         .await
     }
@@ -435,44 +325,22 @@ impl FakeTwilio {
     /// counts from 1; `timestamp` is the presentation time (0 for the first chunk) and
     /// advances by the payload's duration (20 ms per 160 bytes).
     pub async fn send_media(&self, payload: &[u8]) -> bool {
-        let b64 = BASE64_STANDARD.encode(payload);
-        self.send_json(|st| {
-            let chunk = st.next_chunk;
-            st.next_chunk += 1;
-            let timestamp = st.timestamp_ms;
-            st.timestamp_ms += payload.len() as u64 / BYTES_PER_MS;
-            json!({"event": "media", "sequenceNumber": st.alloc_seq(),
-                "media": {"track": "inbound", "chunk": chunk.to_string(),
-                    "timestamp": timestamp.to_string(), "payload": b64},
-                "streamSid": st.stream_sid.clone().unwrap_or_default()})
-        })
-        .await
+        self.send_text(|st| st.caller.media(payload)).await
     }
 
     /// Advances the inbound clock without sending (a lost or late packet).
     pub fn skip_inbound_ms(&self, ms: u64) {
-        self.state.borrow_mut().timestamp_ms += ms;
+        self.state.borrow_mut().caller.skip_ms(ms);
     }
 
     /// A `dtmf` message (note Twilio's `inbound_track` spelling here).
     pub async fn send_dtmf(&self, digit: &str) -> bool {
-        self.send_json(|st| {
-            json!({"event": "dtmf", "streamSid": st.stream_sid.clone().unwrap_or_default(),
-                "sequenceNumber": st.alloc_seq(),
-                "dtmf": {"track": "inbound_track", "digit": digit}})
-        })
-        .await
+        self.send_text(|st| st.caller.dtmf(digit)).await
     }
 
     /// A `stop` message (the call ended). Twilio then closes the socket: see [`Self::hang_up`].
     pub async fn send_stop(&self) -> bool {
-        self.send_json(|st| {
-            json!({"event": "stop", "sequenceNumber": st.alloc_seq(),
-                "stop": {"accountSid": ACCOUNT_SID,
-                    "callSid": st.call_sid.clone().unwrap_or_default()},
-                "streamSid": st.stream_sid.clone().unwrap_or_default()})
-        })
-        .await
+        self.send_text(|st| st.caller.stop()).await
     }
 
     /// What Twilio does when the caller hangs up: `stop`, then close the socket.
@@ -514,6 +382,23 @@ impl FakeTwilio {
         }
         self.reader.abort();
         self.sink.lock().await.take();
+    }
+
+    /// Stops reading the socket: from now on nothing the service sends is read (its writes
+    /// back up in the kernel buffers, then in the service), while this side can still send.
+    /// Messages already read stay recorded.
+    pub fn pause_reading(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// Reads the socket again (what the service wrote meanwhile is then read in order).
+    pub fn resume_reading(&self) {
+        self.paused.send_replace(false);
+    }
+
+    /// Reading is paused by [`Self::pause_reading`].
+    pub fn is_reading_paused(&self) -> bool {
+        *self.paused.borrow()
     }
 
     // ----- playback
@@ -698,9 +583,8 @@ impl FakeTwilio {
         }
     }
 
-    async fn send_json(&self, build: impl FnOnce(&mut State) -> Value) -> bool {
-        self.write(|st| Some(Message::Text(build(st).to_string().into())))
-            .await
+    async fn send_text(&self, build: impl FnOnce(&mut State) -> String) -> bool {
+        self.write(|st| Some(Message::Text(build(st).into()))).await
     }
 
     async fn write(&self, build: impl FnOnce(&mut State) -> Option<Message>) -> bool {
@@ -762,17 +646,39 @@ async fn echo_marks(sink: &SharedSink, state: &Rc<RefCell<State>>, names: Vec<St
     for name in names {
         write_with(sink, state, |st| {
             st.marks_echoed.push(name.clone());
-            let echo = json!({"event": "mark", "sequenceNumber": st.alloc_seq(),
-                "streamSid": st.stream_sid.clone().unwrap_or_default(), "mark": {"name": name}});
-            Some(Message::Text(echo.to_string().into()))
+            Some(Message::Text(st.caller.mark(&name).into()))
         })
         .await;
     }
 }
 
 /// Reads the service's frames until the socket ends; never panics.
-async fn read_loop(mut stream: WsStream, state: Rc<RefCell<State>>, sink: SharedSink) {
-    while let Some(frame) = stream.next().await {
+async fn read_loop(
+    mut stream: WsStream,
+    state: Rc<RefCell<State>>,
+    sink: SharedSink,
+    mut paused: watch::Receiver<bool>,
+) {
+    loop {
+        if *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                break;
+            }
+            continue;
+        }
+        // A pause interrupts the wait for a frame; `next` loses nothing when cancelled.
+        // `biased`: a pause that comes with a frame ready wins, so nothing is read after it.
+        let frame = tokio::select! {
+            biased;
+            changed = paused.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+            frame = stream.next() => frame,
+        };
+        let Some(frame) = frame else { break };
         match frame {
             Ok(Frame::Text(bytes)) => {
                 let echoes = match std::str::from_utf8(&bytes) {

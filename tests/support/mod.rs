@@ -1,37 +1,34 @@
 //! Test support shared by callbridge's end-to-end tests: strict fakes of both peers of the
 //! service, and small helpers.
 //!
-//! - [`fake_twilio::FakeTwilio`]: a caller as Twilio Media Streams behave (protocols.md A1–A4).
-//! - [`fake_openai::FakeOpenAi`]: an OpenAI Realtime server, GA protocol (protocols.md B1–B6).
+//! - [`FakeOpenAi`] / [`FakeSession`]: the OpenAI Realtime server, GA protocol (protocols.md
+//!   B1–B6), from the `callbridge-fakes` crate (`fakes/`), which the simulator shares. Besides
+//!   scripting the model, a test can stop reading a session's socket
+//!   (`FakeSession::pause_reading`), flood it with audio (`FakeSession::flood_audio`) and read
+//!   its byte counters (`bytes_written` / `bytes_read`).
+//! - [`fake_twilio::FakeTwilio`]: a caller as Twilio Media Streams behave (protocols.md A1–A4),
+//!   judging with `callbridge_fakes::twilio` and playing through `callbridge_fakes::playback`;
+//!   it can stop reading too (`FakeTwilio::pause_reading`).
+//! - [`app`]: the real service on port 0 (the only module here that uses `callbridge`).
 //!
+//! The fakes never judge the service with its own code (base64, HMAC, G.711 are their own).
 //! Both record every protocol violation of the service; a test ends with
 //! `assert_no_violations()` on each. Each test binary uses a subset of this module.
 #![allow(dead_code, unused_imports)]
 
-pub mod fake_openai;
 pub mod fake_twilio;
 
-pub use fake_openai::{FakeOpenAi, FakeSession};
+pub use callbridge_fakes::openai::{
+    self as fake_openai, FakeOpenAi, FakeSession, Flood, Handshake,
+};
+pub use callbridge_fakes::{clip, g711::encode as mulaw_encode, twilio::compute_signature};
 pub use fake_twilio::{FakeTwilio, MarkMode};
-
-use std::time::{Duration, Instant};
 
 // spawn_app lives here: added by the service author (in `app.rs`, wired in below).
 pub mod app;
 pub use app::*;
 
-/// At most `max` bytes of `text`, cut at a character boundary, with the full length noted
-/// (audio frames would flood a violation list).
-pub fn clip(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &text[..end], text.len())
-}
+use std::time::{Duration, Instant};
 
 /// Polls `f` every 10 ms until it returns true; panics naming `what` after `timeout_ms`.
 pub async fn eventually<F: FnMut() -> bool>(what: &str, timeout_ms: u64, mut f: F) {
@@ -66,13 +63,4 @@ pub fn tone_frames(n: usize) -> Vec<Vec<u8>> {
             frame
         })
         .collect()
-}
-
-/// G.711 µ-law encoder (protocols.md §C, bias 0x84), for test audio only.
-pub fn mulaw_encode(x: i16) -> u8 {
-    let sign: u8 = if x < 0 { 0x80 } else { 0 };
-    let m = i32::from(x).unsigned_abs().min(32635) + 0x84;
-    let exponent = (31 - m.leading_zeros()).saturating_sub(7).min(7);
-    let mantissa = (m >> (exponent + 3)) & 0x0F;
-    !(sign | ((exponent as u8) << 4) | mantissa as u8)
 }

@@ -7,7 +7,10 @@
 //! - `clear` drops the queued audio and echoes every pending mark.
 //!
 //! The caller's clock drives it: [`Playback::advance`] plays as many bytes as the time that
-//! passed allows. What was played is what the caller heard, and can be recorded.
+//! passed allows (the simulator advances 160 bytes per 20 ms tick; the tests' fake Twilio
+//! advances when the test says, or at once). What was played is what the caller heard, and can
+//! be recorded. This is the one model of Twilio's buffer: the simulator's `call` and `load` and
+//! the tests' fake Twilio all play through it.
 
 use std::collections::VecDeque;
 

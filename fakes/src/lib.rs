@@ -1,0 +1,35 @@
+//! callbridge-fakes: independent stand-ins for callbridge's peers, shared by the end-to-end
+//! tests (`tests/support`) and the simulator (`callbridge-sim`).
+//!
+//! - [`openai`]: THE fake OpenAI Realtime GA server (`reference/protocols.md` B1–B6), strict
+//!   about everything the service sends. Scripted by a test through [`openai::FakeSession`],
+//!   or in echo mode ([`openai::serve`], [`openai::FakeOpenAi::start_echo`]) as the
+//!   simulator's upstream and the benchmark's floor.
+//! - [`playback`]: THE model of Twilio's outbound buffer (media played in real time, marks
+//!   echoed after their audio or at once, `clear` echoes every pending mark).
+//! - [`twilio`]: the Twilio side's wire shapes (what Twilio sends, strict parsing of what the
+//!   service sends back) and request signing (A5).
+//! - [`g711`]: µ-law encode/decode (C).
+//!
+//! The crate depends on neither `callbridge` nor `callbridge-actors`: a fake that judges the
+//! service with the service's own helpers shares its bugs. Base64 is judged with the `base64`
+//! crate's strict standard engine, signatures with `hmac` + `sha1` directly, µ-law with the
+//! code in [`g711`].
+
+pub mod g711;
+pub mod openai;
+pub mod playback;
+pub mod twilio;
+
+/// At most `max` bytes of `text`, cut at a character boundary, with the full length noted
+/// (audio frames would flood a violation list).
+pub fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
+}
