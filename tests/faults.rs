@@ -6,7 +6,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use actix_web::rt::time::sleep;
-use base64::prelude::*;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::json;
 use support::{openai_settings, spawn_app, FakeOpenAi, FakeTwilio, TestApp};
@@ -97,33 +96,28 @@ async fn a_twilio_reader_that_stops_reading_ends_the_call_with_bounded_memory() 
     // 50 MB of assistant audio, as fast as the service reads it (600 ms per delta).
     let rss_before = rss_kib();
     let mut rss_peak = rss_before;
-    let delta = BASE64_STANDARD.encode(vec![0x55u8; 4_800]);
     session.start_response("resp_flood", "item_flood");
-    let mut sent = 0usize;
+    let flood = session.flood_audio("resp_flood", "item_flood", 50_000_000, 4_800);
     let mut max_queued_ms = 0u64;
     let mut dropped = 0u64;
-    while sent < 50_000_000 && !session.is_closed() {
-        for _ in 0..50 {
-            session.audio_delta("resp_flood", "item_flood", &delta);
-            sent += 4_800;
-        }
-        sleep(Duration::from_millis(2)).await;
-        if sent % 2_400_000 == 0 {
-            rss_peak = rss_peak.max(rss_kib());
-            let (status, call) = app.get_json("/calls/CA_stall").await;
-            if status == 200 {
-                max_queued_ms = max_queued_ms.max(call["queued"]["twilio_ms"].as_u64().unwrap());
-                dropped = dropped.max(
-                    call["dropped_frames"]["twilio_backpressure"]
-                        .as_u64()
-                        .unwrap(),
-                );
-                assert!(call["dropped_frames"]["openai_backpressure"].is_u64());
-            }
+    while !flood.is_finished() && !session.is_closed() {
+        sleep(Duration::from_millis(50)).await;
+        rss_peak = rss_peak.max(rss_kib());
+        let (status, call) = app.get_json("/calls/CA_stall").await;
+        if status == 200 {
+            max_queued_ms = max_queued_ms.max(call["queued"]["twilio_ms"].as_u64().unwrap());
+            dropped = dropped.max(
+                call["dropped_frames"]["twilio_backpressure"]
+                    .as_u64()
+                    .unwrap(),
+            );
+            assert!(call["dropped_frames"]["openai_backpressure"].is_u64());
         }
     }
+    flood.stop();
+    let sent = flood.bytes_written();
     eprintln!(
-        "stalled Twilio reader: {} MB pushed by OpenAI before the call ended; test-process RSS {} → peak {} KiB (+{} KiB, the fake's buffers included); Twilio queue peaked at {max_queued_ms} ms",
+        "stalled Twilio reader: OpenAI pushed {} MB of audio; test-process RSS {} → peak {} KiB (+{} KiB, the fake's buffers included); Twilio queue peaked at {max_queued_ms} ms",
         sent / 1_000_000,
         rss_before,
         rss_peak,
@@ -149,4 +143,70 @@ async fn a_twilio_reader_that_stops_reading_ends_the_call_with_bounded_memory() 
     assert_eq!(healthy.recv_audio_bytes(800).await, vec![7u8; 800]);
     drop(rx);
     healthy.assert_no_violations();
+}
+
+/// OpenAI stops reading its socket while the caller keeps talking: appends back up in the
+/// leg's bounded outbox (the oldest dropped and counted), the stalled leg is failed after
+/// `call.stall_timeout_ms` and restarted, and caller audio reaches the new session.
+#[actix_web::test]
+async fn an_openai_reader_that_stops_reading_fails_the_leg_and_the_call_goes_on() {
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.call.stall_timeout_ms = 1_000;
+    settings.call.openai_queue_ms = 400;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ_os", "CA_os", &[]).await;
+    session.recv_event("session.update").await;
+    app.wait_call("CA_os", "active", |c| c["state"] == "active")
+        .await;
+
+    session.pause_reading();
+    // Caller audio faster than real time, until the kernel's buffers towards the fake are full
+    // and the leg's outbox overflows.
+    let frame = [0x7Eu8; 160];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut dropped = 0;
+    while dropped == 0 {
+        assert!(Instant::now() < deadline, "the outbox never overflowed");
+        for _ in 0..200 {
+            caller.send_media(&frame).await;
+        }
+        sleep(Duration::from_millis(1)).await;
+        let (_, call) = app.get_json("/calls/CA_os").await;
+        dropped = call["dropped_frames"]["openai_backpressure"]
+            .as_u64()
+            .unwrap_or(0);
+        let queued = call["queued"]["openai_events"].as_u64().unwrap_or(0);
+        assert!(
+            queued <= 20 + 5,
+            "outbox within call.openai_queue_ms: {queued}"
+        );
+    }
+    // The stalled leg is failed and a new one opened; caller audio reaches it.
+    let next = fake.next_session_timeout(Duration::from_secs(5)).await;
+    let call = app
+        .wait_call("CA_os", "restart counted", |c| {
+            c["upstream_restarts"] == 1 && c["state"] == "active"
+        })
+        .await;
+    assert!(
+        call["dropped_frames"]["openai_backpressure"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let marker = [0x11u8; 160];
+    caller.send_media(&marker).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !next.appended_audio().windows(160).any(|w| w == marker) {
+        assert!(
+            Instant::now() < deadline,
+            "caller audio never reached the new session"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    session.resume_reading();
+    caller.assert_no_violations();
 }
