@@ -12,21 +12,18 @@
 //! Writing, and why this leg uses `actix-ws` rather than `actix-web-actors`: with
 //! actix-web-actors the actor's context is the response body, so when Twilio stops reading, the
 //! actor is not polled at all: its mailbox, timers and idle check freeze while `do_send` keeps
-//! queueing audio without bound. Here the socket is written by a small task of its own that
-//! pulls the next message from the shared [`Playback`] only when the socket took the previous
-//! one (actix-ws's channel holds 32 messages; actix-http's write buffer 32 KiB). The actor stays
-//! live while the socket is back-pressured: audio beyond the budget waits in the bounded queue
-//! (oldest dropped, counted), and the watchdog sees how long a write has been waiting, and how
-//! long Twilio has left pending marks unechoed (a Twilio that reads nothing echoes nothing, and
-//! the playback budget stops our writes long before its socket is full).
+//! queueing audio without bound. With actix-ws the actor hands each message to a channel of 32
+//! that actix-http drains into the socket (behind a 32 KiB write buffer), and pulls the next one
+//! from the [`Playback`] only when the channel took the last. The actor stays live while the
+//! socket is back-pressured: audio beyond the budget waits in the bounded queue (oldest dropped,
+//! counted), and the watchdog sees how long a write has been waiting, and how long Twilio has
+//! left pending marks unechoed (a Twilio that reads nothing echoes nothing, and the playback
+//! budget stops our writes long before its socket is full).
 //!
 //! This is the only file that knows the websocket library of the Twilio leg.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -34,6 +31,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message, ProtocolError};
 use bytes::Bytes;
 use bytestring::ByteString;
+use futures_util::FutureExt as _;
 
 use crate::config::CallConfig;
 use crate::messages::{
@@ -121,14 +119,23 @@ where
     Ok(response)
 }
 
-/// A message for the socket, in the order the writer takes them.
+/// A message for the socket, in the order it is written. Kept in this form (not yet encoded)
+/// so that a write the socket refused at once can be encoded again for a later try.
 enum Outgoing {
-    Text(ByteString),
+    Media(Bytes),
+    Mark(String),
+    Clear,
     Pong(Bytes),
     Close(Option<CloseReason>),
 }
 
-/// What the actor and its writer task share (both run on the call's worker thread).
+/// An encoded message, for actix-ws.
+enum Encoded {
+    Text(ByteString),
+    Pong(Bytes),
+}
+
+/// What goes to the socket and in which order: playback, and the urgent messages before it.
 struct Writer {
     playback: Playback,
     /// Set by `start`; nothing is sent to Twilio before it.
@@ -137,56 +144,54 @@ struct Writer {
     urgent: std::collections::VecDeque<Outgoing>,
     /// The mark that follows the media just written.
     mark_after: Option<String>,
-    /// The writer is idle and waits for this to be woken.
-    waker: Option<Waker>,
-    /// A write has been waiting for the socket since then.
-    blocked_since: Option<Instant>,
     /// Marks are pending and none has been echoed since then. Twilio echoes a mark as the audio
     /// before it plays; the oldest pending mark covers at most `call.mark_interval_ms` of audio
     /// beyond the last echo, so a long wait means Twilio is not reading what we send even if the
     /// socket still takes data (the playback budget stops writing before the socket fills).
     echo_awaited_since: Option<Instant>,
-    /// The socket is gone (a write failed) or closed.
+    /// The socket is gone (a write failed), closing, or stalled: write nothing more.
     done: bool,
     counters: Arc<CallCounters>,
 }
 
 impl Writer {
-    fn wake(&mut self) {
-        if let Some(waker) = self.waker.take() {
-            waker.wake();
+    /// The next message the socket may have now, if any.
+    fn next_message(&mut self) -> Option<Outgoing> {
+        if let Some(message) = self.urgent.pop_front() {
+            return Some(message);
         }
+        self.outbound.as_ref()?;
+        if let Some(name) = self.mark_after.take() {
+            return Some(Outgoing::Mark(name));
+        }
+        let wire = self.playback.next_wire()?;
+        if self.echo_awaited_since.is_none() && self.playback.marks_pending() > 0 {
+            self.echo_awaited_since = Some(Instant::now());
+        }
+        self.publish();
+        Some(match wire {
+            Wire::Media { payload, mark } => {
+                self.mark_after = mark;
+                Outgoing::Media(payload)
+            }
+            Wire::Mark(name) => Outgoing::Mark(name),
+        })
     }
 
-    /// The next message the socket may have, or `Pending` (the waker is kept).
-    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Outgoing> {
-        if let Some(message) = self.urgent.pop_front() {
-            return Poll::Ready(message);
-        }
-        if let Some(outbound) = &self.outbound {
-            if let Some(name) = self.mark_after.take() {
-                return Poll::Ready(Outgoing::Text(outbound.mark(&name).into()));
-            }
-            if let Some(wire) = self.playback.next_wire() {
-                if self.echo_awaited_since.is_none() && self.playback.marks_pending() > 0 {
-                    self.echo_awaited_since = Some(Instant::now());
-                }
-                let text = match wire {
-                    Wire::Media { payload, mark } => {
-                        self.mark_after = mark;
-                        // invariant: payloads are checked base64 (ASCII) before they get here.
-                        outbound.media(std::str::from_utf8(&payload).unwrap_or_default())
-                    }
-                    Wire::Mark(name) => outbound.mark(&name),
-                };
-                self.publish();
-                return Poll::Ready(Outgoing::Text(text.into()));
-            }
-        }
-        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            self.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
+    fn encode(&self, message: &Outgoing) -> Option<Encoded> {
+        let outbound = self.outbound.as_ref();
+        Some(match message {
+            // invariant: payloads are checked base64 (ASCII) before they get here.
+            Outgoing::Media(payload) => Encoded::Text(
+                outbound?
+                    .media(std::str::from_utf8(payload).unwrap_or_default())
+                    .into(),
+            ),
+            Outgoing::Mark(name) => Encoded::Text(outbound?.mark(name).into()),
+            Outgoing::Clear => Encoded::Text(outbound?.clear().into()),
+            Outgoing::Pong(data) => Encoded::Pong(data.clone()),
+            Outgoing::Close(_) => return None,
+        })
     }
 
     /// Folds the playback's counts into the call's counters and refreshes the gauges.
@@ -203,42 +208,12 @@ impl Writer {
     }
 }
 
-/// Writes what the shared state has for the socket, one message at a time, until the socket is
-/// closed. A write that does not complete at once (actix-ws's channel is full because the
-/// socket is not taking data) is timed for the watchdog.
-async fn write_loop(shared: Rc<RefCell<Writer>>, mut session: actix_ws::Session) {
-    loop {
-        let next = std::future::poll_fn(|cx| shared.borrow_mut().poll_next(cx)).await;
-        let result = match next {
-            Outgoing::Text(text) => timed(&shared, session.text(text)).await,
-            Outgoing::Pong(data) => timed(&shared, session.pong(&data)).await,
-            Outgoing::Close(reason) => {
-                let _ = session.close(reason).await;
-                break;
-            }
-        };
-        if result.is_err() {
-            break;
-        }
+/// Sends one encoded message, waiting for room in actix-ws's channel.
+async fn send(mut session: actix_ws::Session, message: Encoded) -> Result<(), actix_ws::Closed> {
+    match message {
+        Encoded::Text(text) => session.text(text).await,
+        Encoded::Pong(data) => session.pong(&data).await,
     }
-    shared.borrow_mut().done = true;
-}
-
-/// Awaits `write`, noting in `blocked_since` when it had to wait for the socket.
-async fn timed<F: std::future::Future>(shared: &Rc<RefCell<Writer>>, write: F) -> F::Output {
-    let mut write = std::pin::pin!(write);
-    let mut first = true;
-    let output = std::future::poll_fn(|cx| {
-        let poll = write.as_mut().poll(cx);
-        if poll.is_pending() && first {
-            shared.borrow_mut().blocked_since = Some(Instant::now());
-        }
-        first = false;
-        poll
-    })
-    .await;
-    shared.borrow_mut().blocked_since = None;
-    output
 }
 
 /// The websocket of one call's Twilio leg.
@@ -247,10 +222,13 @@ pub struct TwilioStreamActor {
     /// `[CA…]` once `start` names the call; `[pending]` before.
     label: Arc<str>,
     counters: Arc<CallCounters>,
-    writer: Rc<RefCell<Writer>>,
-    /// Until the actor starts, the socket's session; then the writer task owns it.
-    session: Option<actix_ws::Session>,
-    write_task: Option<actix_rt::task::JoinHandle<()>>,
+    writer: Writer,
+    /// The socket's writing half: a handle on actix-ws's channel of 32 messages, which
+    /// actix-http drains into the socket as fast as the socket takes data.
+    session: actix_ws::Session,
+    /// A write the channel had no room for waits in a future of its own since then; nothing
+    /// else is written meanwhile (order), and the watchdog times it.
+    writing: Option<(Instant, SpawnHandle)>,
     inbound: Inbound,
     /// The configured AI session caller audio goes to.
     ai: Option<Recipient<AudioIn>>,
@@ -287,20 +265,18 @@ impl TwilioStreamActor {
         Self {
             call,
             label: Arc::from("[pending]"),
-            writer: Rc::new(RefCell::new(Writer {
+            writer: Writer {
                 playback,
                 outbound: None,
                 urgent: Default::default(),
                 mark_after: None,
-                waker: None,
-                blocked_since: None,
                 echo_awaited_since: None,
                 done: false,
                 counters: counters.clone(),
-            })),
+            },
             counters,
-            session: Some(session),
-            write_task: None,
+            session,
+            writing: None,
             inbound: Inbound::new(InboundConfig {
                 hold_bytes: cfg.upstream_buffer_ms * BYTES_PER_MS,
                 fill_gaps_max_ms: cfg.fill_gaps_max_ms,
@@ -334,7 +310,7 @@ impl TwilioStreamActor {
         }
     }
 
-    fn on_text(&mut self, text: &ByteString) {
+    fn on_text(&mut self, text: &ByteString, ctx: &mut Context<Self>) {
         match twilio::parse(text) {
             Ok(TwilioEvent::Media {
                 payload,
@@ -358,12 +334,12 @@ impl TwilioStreamActor {
                 self.forward = forward;
             }
             Ok(TwilioEvent::Mark { name }) => {
-                let mut writer = self.writer.borrow_mut();
+                let writer = &mut self.writer;
                 writer.playback.on_mark(&name);
                 writer.echo_awaited_since =
                     (writer.playback.marks_pending() > 0).then(Instant::now);
                 writer.publish();
-                writer.wake(); // the budget may allow more audio now
+                self.flush(ctx); // the budget may allow more audio now
             }
             Ok(TwilioEvent::Dtmf { digit }) => {
                 let _ = self.call.dtmf.try_send(Dtmf { digit });
@@ -382,10 +358,10 @@ impl TwilioStreamActor {
                 }
                 self.started = true;
                 {
-                    let mut writer = self.writer.borrow_mut();
+                    let writer = &mut self.writer;
                     writer.outbound = Some(Outbound::new(&start.stream_sid));
                     writer.playback.start();
-                    writer.wake();
+                    self.flush(ctx);
                 }
                 // Control: `do_send`, as the call's decisions must not be lost to a full mailbox.
                 self.call.started.do_send(StreamStarted { start });
@@ -439,24 +415,64 @@ impl TwilioStreamActor {
         }
     }
 
-    /// Asks the writer to close the socket after what is urgent, and stops reading.
-    fn close(&mut self, code: CloseCode, ctx: &mut Context<Self>) {
-        let mut writer = self.writer.borrow_mut();
-        writer.urgent.push_back(Outgoing::Close(Some(code.into())));
-        writer.wake();
-        drop(writer);
+    /// Closes the socket after what is urgent, and stops reading.
+    fn close(&mut self, reason: Option<CloseReason>, ctx: &mut Context<Self>) {
+        self.writer.urgent.push_back(Outgoing::Close(reason));
+        self.flush(ctx);
         ctx.stop();
     }
 
+    /// Writes what the socket may have now. Each message goes into actix-ws's channel at once
+    /// when it has room (the usual case: no task, no allocation). When it has none, the socket
+    /// is not taking data: the message waits in a future of its own (encoded again for it),
+    /// nothing else is written until it is through, and the watchdog times the wait.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        while self.writing.is_none() && !self.writer.done {
+            let Some(message) = self.writer.next_message() else {
+                return;
+            };
+            if let Outgoing::Close(reason) = message {
+                self.writer.done = true;
+                let session = self.session.clone();
+                actix_rt::spawn(async move {
+                    let _ = session.close(reason).await;
+                });
+                return;
+            }
+            let Some(encoded) = self.writer.encode(&message) else {
+                continue; // nothing to address it to before `start`
+            };
+            let now = match encoded {
+                Encoded::Text(text) => self.session.text(text).now_or_never(),
+                Encoded::Pong(data) => self.session.pong(&data).now_or_never(),
+            };
+            match now {
+                Some(Ok(())) => {}
+                Some(Err(_)) => self.writer.done = true, // the socket is gone
+                None => {
+                    let Some(encoded) = self.writer.encode(&message) else {
+                        return;
+                    };
+                    let write = send(self.session.clone(), encoded).into_actor(self).map(
+                        |result, act, ctx| {
+                            act.writing = None;
+                            match result {
+                                Ok(()) => act.flush(ctx),
+                                Err(_) => act.writer.done = true,
+                            }
+                        },
+                    );
+                    let handle = ctx.spawn(write);
+                    self.writing = Some((Instant::now(), handle));
+                }
+            }
+        }
+    }
+
     fn check(&mut self, ctx: &mut Context<Self>) {
-        let (blocked_for, echo_awaited_for) = {
-            let writer = self.writer.borrow();
-            let elapsed = |t: Option<Instant>| t.map(|since| since.elapsed()).unwrap_or_default();
-            (
-                elapsed(writer.blocked_since),
-                elapsed(writer.echo_awaited_since),
-            )
-        };
+        let elapsed = |t: Option<Instant>| t.map(|since| since.elapsed()).unwrap_or_default();
+        let blocked_for = elapsed(self.writing.map(|(since, _)| since));
+        let echo_awaited_for = elapsed(self.writer.echo_awaited_since);
         if blocked_for >= self.stall_timeout || echo_awaited_for >= self.stall_timeout {
             let why = if blocked_for >= self.stall_timeout {
                 "the socket accepted nothing"
@@ -468,10 +484,11 @@ impl TwilioStreamActor {
                 self.label,
                 blocked_for.max(echo_awaited_for).as_millis()
             );
-            // The socket takes nothing, so no close frame can be written: drop the writer
-            // (and with it what it held) and let the connection go.
-            if let Some(task) = self.write_task.take() {
-                task.abort();
+            // The socket takes nothing, so no close frame can be written: drop the waiting
+            // write (and with it what it held) and let the connection go.
+            self.writer.done = true;
+            if let Some((_, handle)) = self.writing.take() {
+                ctx.cancel_future(handle);
             }
             self.call_told = true;
             self.call.stop.do_send(Stop {
@@ -488,7 +505,7 @@ impl TwilioStreamActor {
                 self.label,
                 IDLE_TIMEOUT.as_secs()
             );
-            self.close(CloseCode::Away, ctx);
+            self.close(Some(CloseCode::Away.into()), ctx);
         }
     }
 }
@@ -497,9 +514,6 @@ impl Actor for TwilioStreamActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // invariant: `new` stores the session and only `started` takes it.
-        let session = self.session.take().expect("session set in new");
-        self.write_task = Some(actix_rt::spawn(write_loop(self.writer.clone(), session)));
         ctx.run_interval(CHECK_EVERY, |act, ctx| act.check(ctx));
         ctx.run_later(self.start_timeout, |act, ctx| {
             if !act.started && !act.ending {
@@ -509,25 +523,20 @@ impl Actor for TwilioStreamActor {
                 act.call.stop.do_send(Stop {
                     reason: StopReason::NoStart { ms },
                 });
-                act.close(CloseCode::Policy, ctx);
+                act.close(Some(CloseCode::Policy.into()), ctx);
             }
         });
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        let mut writer = self.writer.borrow_mut();
-        if !writer.done
-            && !writer
-                .urgent
-                .iter()
-                .any(|m| matches!(m, Outgoing::Close(_)))
-        {
-            writer
-                .urgent
-                .push_back(Outgoing::Close(Some(CloseCode::Normal.into())));
-            writer.wake();
+        if !self.writer.done {
+            // Stopped without a close (the stream ended, a protocol error): close the socket.
+            self.writer.done = true;
+            let session = self.session.clone();
+            actix_rt::spawn(async move {
+                let _ = session.close(Some(CloseCode::Normal.into())).await;
+            });
         }
-        drop(writer);
         if !self.call_told {
             // The call ends with its Twilio leg.
             self.call.stop.do_send(Stop {
@@ -541,14 +550,13 @@ impl StreamHandler<Result<Message, ProtocolError>> for TwilioStreamActor {
     fn handle(&mut self, msg: Result<Message, ProtocolError>, ctx: &mut Context<Self>) {
         self.last_frame = Instant::now();
         match msg {
-            Ok(Message::Text(text)) => self.on_text(&text),
+            Ok(Message::Text(text)) => self.on_text(&text, ctx),
             Ok(Message::Binary(bin)) => {
                 self.malformed(format_args!("binary frame of {} bytes", bin.len()))
             }
             Ok(Message::Ping(p)) => {
-                let mut writer = self.writer.borrow_mut();
-                writer.urgent.push_back(Outgoing::Pong(p));
-                writer.wake();
+                self.writer.urgent.push_back(Outgoing::Pong(p));
+                self.flush(ctx);
             }
             Ok(Message::Pong(_)) | Ok(Message::Nop) => {}
             Ok(Message::Continuation(_)) => {
@@ -561,11 +569,7 @@ impl StreamHandler<Result<Message, ProtocolError>> for TwilioStreamActor {
                         self.label
                     );
                 }
-                let mut writer = self.writer.borrow_mut();
-                writer.urgent.push_back(Outgoing::Close(reason));
-                writer.wake();
-                drop(writer);
-                ctx.stop();
+                self.close(reason, ctx);
             }
             Err(e) => {
                 // A protocol error (e.g. a frame over the size limit) leaves the stream unusable.
@@ -581,13 +585,13 @@ impl StreamHandler<Result<Message, ProtocolError>> for TwilioStreamActor {
     }
 }
 
-/// Assistant audio from the AI leg: into the playback queue; the writer sends it when the
-/// budget and the socket allow.
+/// Assistant audio from the AI leg: into the playback queue, and out as far as the budget and
+/// the socket allow.
 impl Handler<AudioOut> for TwilioStreamActor {
     type Result = ();
 
-    fn handle(&mut self, msg: AudioOut, _: &mut Context<Self>) {
-        let mut writer = self.writer.borrow_mut();
+    fn handle(&mut self, msg: AudioOut, ctx: &mut Context<Self>) {
+        let writer = &mut self.writer;
         writer.playback.push(Chunk {
             response_id: msg.response_id,
             item_id: msg.item_id,
@@ -595,7 +599,7 @@ impl Handler<AudioOut> for TwilioStreamActor {
             bytes: msg.bytes,
         });
         writer.publish();
-        writer.wake();
+        self.flush(ctx);
     }
 }
 
@@ -607,7 +611,7 @@ impl Handler<RouteCallerAudio> for TwilioStreamActor {
         let routed = msg.to.is_some();
         self.ai = msg.to;
         if !routed {
-            self.writer.borrow_mut().playback.session_lost();
+            self.writer.playback.session_lost();
         }
         let mut forward = std::mem::take(&mut self.forward);
         self.inbound.set_routed(routed, &mut forward);
@@ -620,19 +624,16 @@ impl Handler<RouteCallerAudio> for TwilioStreamActor {
 impl Handler<ClearAudio> for TwilioStreamActor {
     type Result = ClearOutcome;
 
-    fn handle(&mut self, msg: ClearAudio, _: &mut Context<Self>) -> ClearOutcome {
-        let mut writer = self.writer.borrow_mut();
+    fn handle(&mut self, msg: ClearAudio, ctx: &mut Context<Self>) -> ClearOutcome {
+        let writer = &mut self.writer;
         let outcome = writer.playback.clear(msg.interrupted);
         writer.mark_after = None;
         writer.echo_awaited_since = None;
         if outcome.cleared {
-            if let Some(outbound) = &writer.outbound {
-                let clear = outbound.clear();
-                writer.urgent.push_back(Outgoing::Text(clear.into()));
-            }
+            writer.urgent.push_back(Outgoing::Clear);
         }
         writer.publish();
-        writer.wake();
+        self.flush(ctx);
         outcome
     }
 }
@@ -641,10 +642,9 @@ impl Handler<ClearAudio> for TwilioStreamActor {
 impl Handler<MarkTail> for TwilioStreamActor {
     type Result = ();
 
-    fn handle(&mut self, _: MarkTail, _: &mut Context<Self>) {
-        let mut writer = self.writer.borrow_mut();
-        writer.playback.mark_tail();
-        writer.wake();
+    fn handle(&mut self, _: MarkTail, ctx: &mut Context<Self>) {
+        self.writer.playback.mark_tail();
+        self.flush(ctx);
     }
 }
 
@@ -668,6 +668,6 @@ impl Handler<Stop> for TwilioStreamActor {
             StopReason::Shutdown => CloseCode::Away,
             _ => CloseCode::Normal,
         };
-        self.close(code, ctx);
+        self.close(Some(code.into()), ctx);
     }
 }
