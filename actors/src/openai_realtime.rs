@@ -92,6 +92,19 @@ enum Next {
 }
 
 impl Outbox {
+    fn new(max_audio: usize, counters: Arc<CallCounters>) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            audio: 0,
+            max_audio,
+            unflushed: false,
+            close: false,
+            waker: None,
+            blocked_since: None,
+            counters,
+        }
+    }
+
     fn push(&mut self, message: ws::Message, is_audio: bool) {
         if is_audio {
             if self.audio >= self.max_audio {
@@ -214,16 +227,7 @@ impl OpenAiRealtimeActor {
             api_key,
             label,
             stall_timeout: Duration::from_millis(call_config.stall_timeout_ms),
-            outbox: Rc::new(RefCell::new(Outbox {
-                queue: VecDeque::new(),
-                audio: 0,
-                max_audio,
-                unflushed: false,
-                close: false,
-                waker: None,
-                blocked_since: None,
-                counters: counters.clone(),
-            })),
+            outbox: Rc::new(RefCell::new(Outbox::new(max_audio, counters.clone()))),
             counters,
             twilio: Some(twilio),
             connected: false,
@@ -682,16 +686,7 @@ mod tests {
     }
 
     fn outbox(max_audio: usize) -> Outbox {
-        Outbox {
-            queue: VecDeque::new(),
-            audio: 0,
-            max_audio,
-            unflushed: false,
-            close: false,
-            waker: None,
-            blocked_since: None,
-            counters: Arc::new(CallCounters::default()),
-        }
+        Outbox::new(max_audio, Arc::new(CallCounters::default()))
     }
 
     fn text(m: &ws::Message) -> String {

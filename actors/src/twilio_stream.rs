@@ -73,7 +73,17 @@ pub struct TwilioPort {
 }
 
 impl TwilioPort {
-    pub fn of(addr: &Addr<TwilioStreamActor>) -> Self {
+    /// The port of a Twilio leg: the real one, or any actor that stands in for it.
+    pub fn of<A>(addr: &Addr<A>) -> Self
+    where
+        A: Actor<Context = Context<A>>
+            + Handler<AudioOut>
+            + Handler<RouteCallerAudio>
+            + Handler<ClearAudio>
+            + Handler<MarkTail>
+            + Handler<CallIdentified>
+            + Handler<Stop>,
+    {
         Self {
             audio: addr.clone().recipient(),
             route: addr.clone().recipient(),

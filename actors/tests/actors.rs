@@ -179,8 +179,7 @@ fn rig(clear_answer: ClearOutcome) -> Rig {
         UpstreamLeg::of(leg)
     });
     let counters = Arc::new(CallCounters::default());
-    let call =
-        CallActor::with_legs(engine(), 1, TwilioPort::of_standin(&twilio), counters, legs).start();
+    let call = CallActor::with_legs(engine(), 1, TwilioPort::of(&twilio), counters, legs).start();
     Rig { call, log, ports }
 }
 
@@ -212,23 +211,6 @@ impl Rig {
 
     fn seen(&self) -> Vec<Seen> {
         self.log.borrow().clone()
-    }
-}
-
-trait StandInPort {
-    fn of_standin(addr: &Addr<TwilioStandIn>) -> TwilioPort;
-}
-
-impl StandInPort for TwilioPort {
-    fn of_standin(addr: &Addr<TwilioStandIn>) -> TwilioPort {
-        TwilioPort {
-            audio: addr.clone().recipient(),
-            route: addr.clone().recipient(),
-            clear: addr.clone().recipient(),
-            mark_tail: addr.clone().recipient(),
-            ident: addr.clone().recipient(),
-            stop: addr.clone().recipient(),
-        }
     }
 }
 
