@@ -210,3 +210,28 @@ async fn an_openai_reader_that_stops_reading_fails_the_leg_and_the_call_goes_on(
     session.resume_reading();
     caller.assert_no_violations();
 }
+
+/// Everything the Twilio leg held while the AI session was being configured (up to
+/// `call.upstream_buffer_ms`, 2 s by default) is handed to the session at once when it is ready:
+/// the AI leg's bounded mailbox is sized for it, so none of it is dropped.
+#[actix_web::test]
+async fn caller_audio_held_until_the_session_is_ready_fits_the_legs_mailbox() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_session_updated_delay(1_000);
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ_hold", "CA_hold", &[]).await;
+    // 2 s of caller audio (100 frames) while the session is not configured yet.
+    let frames = support::tone_frames(100);
+    for frame in &frames {
+        caller.send_media(frame).await;
+    }
+    session.recv_event("session.update").await;
+    let appended = session.wait_appended_bytes(100 * 160).await;
+    assert_eq!(appended, frames.concat(), "all of it, in order");
+    let call = app.call("CA_hold").await;
+    assert_eq!(call["dropped_frames"]["openai_backpressure"], 0);
+    assert_eq!(call["dropped_frames"]["upstream_not_ready"], 0);
+    fake.assert_no_violations();
+}

@@ -31,7 +31,7 @@ use crate::messages::{
     AudioIn, AudioOut, CallCounters, CallIdentified, ClearAudio, Dtmf, GetSnapshot, MarkTail, Role,
     RouteCallerAudio, Stop, StopReason, StreamStarted, Transcript, UpstreamCommand, UpstreamEvent,
 };
-use crate::openai_realtime::{LegPort, OpenAiRealtimeActor};
+use crate::openai_realtime::{mailbox_capacity, LegPort, OpenAiRealtimeActor};
 use crate::registry::{
     CallEnded, CallSnapshot, DroppedFrames, Queued, Register, TranscriptEntry, Unregister,
 };
@@ -100,12 +100,13 @@ fn engine_legs(engine: &Engine) -> LegFactory {
         UpstreamKind::OpenAi => {
             // invariant: the engine refuses to build in OpenAI mode without a key.
             let key = key.clone().expect("OpenAI mode has a key");
-            let addr = OpenAiRealtimeActor::new(req, openai.clone(), &call, key).start_leg();
+            let addr = OpenAiRealtimeActor::new(req, openai.clone(), &call, key)
+                .start_leg(mailbox_capacity(&call));
             UpstreamLeg::of(addr)
         }
         UpstreamKind::Echo => {
             let echo = EchoUpstream::new(req.port, req.leg_no, req.twilio_audio, req.counters);
-            UpstreamLeg::of(echo.start_leg())
+            UpstreamLeg::of(echo.start_leg(mailbox_capacity(&call)))
         }
     })
 }

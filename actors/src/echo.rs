@@ -39,10 +39,11 @@ impl EchoUpstream {
         }
     }
 
-    /// Starts the leg with the same bounded mailbox as an OpenAI leg.
-    pub fn start_leg(self) -> Addr<Self> {
+    /// Starts the leg with a bounded mailbox, as an OpenAI leg
+    /// ([`crate::openai_realtime::mailbox_capacity`]).
+    pub fn start_leg(self, capacity: usize) -> Addr<Self> {
         let mut ctx = Context::new();
-        ctx.set_mailbox_capacity(crate::openai_realtime::MAILBOX_CAPACITY);
+        ctx.set_mailbox_capacity(capacity);
         ctx.run(self)
     }
 }

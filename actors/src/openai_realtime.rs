@@ -48,9 +48,16 @@ use crate::session::restart::LegFailure;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How often the stall check runs.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
-/// Caller frames the leg's mailbox holds; `try_send` into a full one drops and counts. Caller
-/// audio comes at 50 frames a second, so this is only reached if the leg is not polled.
-pub const MAILBOX_CAPACITY: usize = 64;
+/// Caller frames an AI leg's mailbox holds beyond the audio held while it was connecting;
+/// `try_send` into a full one drops and counts. Caller audio comes at 50 frames a second, so
+/// this is only reached if the leg is not polled.
+const MAILBOX_HEADROOM: usize = 64;
+
+/// The mailbox capacity of an AI leg: when a leg becomes ready, the Twilio leg hands it all the
+/// caller audio it held (`call.upstream_buffer_ms`, 20 ms a frame) at once, so that must fit.
+pub fn mailbox_capacity(call_config: &CallConfig) -> usize {
+    (call_config.upstream_buffer_ms / 20) as usize + MAILBOX_HEADROOM
+}
 
 /// Error codes after which this session cannot be used (the server closes it, or every later
 /// event would fail the same way).
@@ -238,10 +245,10 @@ impl OpenAiRealtimeActor {
         }
     }
 
-    /// Starts the leg with a bounded mailbox.
-    pub fn start_leg(self) -> Addr<Self> {
+    /// Starts the leg with a bounded mailbox ([`mailbox_capacity`]).
+    pub fn start_leg(self, capacity: usize) -> Addr<Self> {
         let mut ctx = Context::new();
-        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        ctx.set_mailbox_capacity(capacity);
         ctx.run(self)
     }
 

@@ -51,7 +51,7 @@ const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// Audio messages the leg's mailbox holds. OpenAI sends a response's audio in bursts faster than
 /// real time; the mailbox only has to absorb what arrives between two polls of this actor (the
 /// playback queue behind it is the real buffer). `try_send` into a full mailbox drops and counts.
-pub const MAILBOX_CAPACITY: usize = 256;
+pub const MAILBOX_CAPACITY: usize = 1024;
 
 /// What the Twilio leg tells its call. Recipients, so a test can stand in for the call.
 #[derive(Clone)]
