@@ -100,13 +100,16 @@ async fn voice(
     };
     let call_sid = param("CallSid");
     log::info!("[{call_sid}] incoming call: answering with <Connect><Stream>");
-    let body = twiml::connect_stream(
+    let fallback = &state.settings.fallback;
+    let body = twiml::connect_stream_then(
         &stream_url(&req, &state),
         &[
             ("From", param("From")),
             ("To", param("To")),
             ("CallSid", call_sid),
         ],
+        &fallback.say,
+        &fallback.dial,
     );
     Ok(HttpResponse::Ok()
         .content_type("text/xml; charset=utf-8")
@@ -138,8 +141,9 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         .await
         .unwrap_or_default();
     let upstream = state.engine.upstream();
+    let degraded = state.engine.degraded();
     let mut body = json!({
-        "status": "healthy",
+        "status": if degraded.is_some() { "degraded" } else { "healthy" },
         "upstream": upstream.as_str(),
         "upstream_mode": state.settings.upstream.as_str(),
         "live_calls": live_calls,
@@ -149,6 +153,11 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     });
     if upstream == UpstreamKind::Echo {
         body["warning"] = json!(echo_warning(&state.settings));
+    }
+    if let Some(reason) = degraded {
+        body["reason"] = json!(format!(
+            "OpenAI is not tried for new calls (they get the fallback): repeated permanent failures, the last: {reason}"
+        ));
     }
     HttpResponse::Ok().json(body)
 }

@@ -24,6 +24,7 @@ pub struct Settings {
     pub openai: OpenAiConfig,
     pub call: CallConfig,
     pub twilio: TwilioSettings,
+    pub fallback: FallbackSettings,
     pub log: LogSettings,
     /// From the environment only, never from a file.
     #[serde(skip)]
@@ -89,6 +90,27 @@ impl Default for TwilioSettings {
     fn default() -> Self {
         Self {
             validate_signatures: true,
+        }
+    }
+}
+
+/// What the caller hears when the assistant cannot go on: TwiML after `</Connect>`, which
+/// Twilio plays when callbridge closes the media stream (or the stream fails).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FallbackSettings {
+    /// A sentence Twilio says (`<Say>`); empty: nothing.
+    pub say: String,
+    /// A number (`+14155550100`) or SIP URI (`sip:desk@example.com`) to dial (`<Dial>`), to
+    /// reach a human; empty: none, the call ends after `say`.
+    pub dial: String,
+}
+
+impl Default for FallbackSettings {
+    fn default() -> Self {
+        Self {
+            say: "Sorry, our assistant is not available right now. Please try again later.".into(),
+            dial: String::new(),
         }
     }
 }
@@ -195,6 +217,26 @@ impl Settings {
                 ));
             }
         }
+        if self.fallback.say.chars().count() > 1_000 {
+            return Err(ConfigError::new(
+                "fallback.say",
+                "must be at most 1000 characters (Twilio refuses TwiML over 4000)",
+            ));
+        }
+        let dial = self.fallback.dial.trim();
+        let is_number = dial.len() >= 4
+            && dial.len() <= 16
+            && dial
+                .trim_start_matches('+')
+                .chars()
+                .all(|c| c.is_ascii_digit());
+        let is_sip = dial.starts_with("sip:") && dial.len() > 6;
+        if !(dial.is_empty() || is_number || is_sip) {
+            return Err(ConfigError::new(
+                "fallback.dial",
+                format!("must be a phone number like +14155550100 or a sip: URI, got {dial:?}"),
+            ));
+        }
         if self.server.workers > 256 {
             return Err(ConfigError::new(
                 "server.workers",
@@ -273,6 +315,7 @@ mod tests {
         let d = Settings::default();
         assert_eq!(s.openai, d.openai);
         assert_eq!(s.call, d.call);
+        assert_eq!(s.fallback, d.fallback);
         assert_eq!(s.server.port, d.server.port);
         assert_eq!(s.server.host, d.server.host);
         assert_eq!(s.upstream, d.upstream);
@@ -313,6 +356,8 @@ mod tests {
         assert!(err.to_string().contains("gemini"), "{err}");
         let err = load_toml("[openai]\ntemprature = 1\n").unwrap_err();
         assert!(err.to_string().contains("temprature"), "{err}");
+        let err = load_toml("[fallback]\ndial = \"call me\"\n").unwrap_err();
+        assert!(err.to_string().contains("fallback.dial"), "{err}");
         let err = load_toml("[server]\npublic_url = \"bridge.example.com\"\n").unwrap_err();
         assert!(err.to_string().contains("server.public_url"), "{err}");
     }

@@ -281,3 +281,106 @@ async fn session_expiry_opens_a_new_session() {
     .await;
     fake.assert_no_violations();
 }
+
+async fn ended(app: &support::TestApp, reason: &str) -> u64 {
+    let (_, health) = app.get_json("/health").await;
+    health["calls_ended"][reason].as_u64().unwrap_or(0)
+}
+
+/// A revoked key (`invalid_api_key`) is a permanent failure: no restart, the media stream is
+/// closed at once (Twilio then plays the fallback TwiML), and the end reason says so.
+#[actix_web::test]
+async fn a_revoked_key_is_not_retried_and_the_stream_is_closed_for_the_fallback() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ_key", "CA_key", &[]).await;
+    session.recv_event("session.update").await;
+    session.error_event("invalid_api_key", "Incorrect API key provided: sk-***abc.");
+    session.close(3000, "invalid_api_key");
+    assert!(
+        caller.wait_closed().await,
+        "the stream is closed for the fallback"
+    );
+    for _ in 0..100 {
+        if ended(&app, "upstream_refused").await == 1 {
+            break;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ended(&app, "upstream_refused").await, 1);
+    // Well past the restart backoff of the test settings: still one connection.
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        fake.connection_count(),
+        1,
+        "a permanent failure is not retried"
+    );
+    let (_, health) = app.get_json("/health").await;
+    assert_eq!(
+        health["status"], "healthy",
+        "one failure does not open the breaker"
+    );
+}
+
+/// After `openai.breaker_failures` consecutive permanent failures, new calls are closed at
+/// once without an OpenAI attempt and `/health` says `degraded` with the reason (still 200);
+/// after the cooldown one call probes, and its first completed response closes the breaker.
+#[actix_web::test]
+async fn the_breaker_opens_after_repeated_permanent_failures_and_a_probe_closes_it() {
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.openai.breaker_failures = 2;
+    settings.openai.breaker_cooldown_s = 1;
+    let app = spawn_app(settings).await;
+    for n in 0..2 {
+        let caller = FakeTwilio::connect(&app.ws_url()).await;
+        let mut session = fake.next_session().await;
+        caller
+            .start_call(&format!("MZ_b{n}"), &format!("CA_b{n}"), &[])
+            .await;
+        session.recv_event("session.update").await;
+        session.error_event("insufficient_quota", "You exceeded your current quota.");
+        assert!(caller.wait_closed().await);
+    }
+    let (status, health) = app.get_json("/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "degraded");
+    assert!(
+        health["reason"]
+            .as_str()
+            .unwrap()
+            .contains("insufficient_quota"),
+        "{health}"
+    );
+    // A new call: closed at once, OpenAI not tried.
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    assert!(caller.wait_closed().await, "closed for the fallback");
+    assert_eq!(fake.connection_count(), 2, "OpenAI not tried while open");
+    assert_eq!(ended(&app, "breaker_open").await, 1);
+
+    // After the cooldown, one call probes; its session works, and the breaker closes.
+    sleep(Duration::from_millis(1_100)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZ_probe", "CA_probe", &[]).await;
+    session.recv_event("session.update").await;
+    app.wait_call("CA_probe", "active", |c| c["state"] == "active")
+        .await;
+    let (_, health) = app.get_json("/health").await;
+    assert_eq!(health["status"], "degraded", "probing: not decided yet");
+    session.start_response("resp_1", "item_1");
+    session.audio_delta_bytes("resp_1", "item_1", &[9u8; 160]);
+    session.finish_response("resp_1", "item_1", "Hello.");
+    assert_eq!(caller.recv_audio_bytes(160).await, vec![9u8; 160]);
+    for _ in 0..100 {
+        if app.get_json("/health").await.1["status"] == "healthy" {
+            break;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    let (_, health) = app.get_json("/health").await;
+    assert_eq!(health["status"], "healthy");
+    caller.assert_no_violations();
+}

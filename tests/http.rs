@@ -54,7 +54,9 @@ async fn voice_webhook_answers_connect_stream_twiml() {
          <Parameter name=\"From\" value=\"+14155550100 &lt;&amp;&quot;&apos;&gt;\"/>\
          <Parameter name=\"To\" value=\"+18005551212\"/>\
          <Parameter name=\"CallSid\" value=\"CA9f00\"/>\
-         </Stream></Connect></Response>",
+         </Stream></Connect>\
+         <Say>Sorry, our assistant is not available right now. Please try again later.</Say>\
+         </Response>",
         app.port
     );
     assert_eq!(body, expected);
@@ -146,4 +148,23 @@ async fn calls_require_the_admin_token_when_one_is_set() {
     assert_eq!(status, 200, "{body}");
     let (status, _) = app.get_json("/health").await;
     assert_eq!(status, 200);
+}
+
+/// The fallback after `</Connect>` says the configured sentence and dials the configured
+/// number, escaped; Twilio plays it when callbridge closes the stream.
+#[actix_web::test]
+async fn voice_webhook_appends_the_configured_fallback() {
+    let mut settings = test_settings();
+    settings.fallback.say = "Back <soon> & sorry.".into();
+    settings.fallback.dial = "+14155550199".into();
+    let app = spawn_app(settings).await;
+    let (status, _, body) = post_voice(&app.http("/voice"), FORM, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.ends_with(
+            "</Stream></Connect><Say>Back &lt;soon&gt; &amp; sorry.</Say>\
+             <Dial>+14155550199</Dial></Response>"
+        ),
+        "{body}"
+    );
 }

@@ -35,7 +35,7 @@ use crate::openai_realtime::{mailbox_capacity, LegPort, OpenAiRealtimeActor};
 use crate::registry::{
     CallEnded, CallSnapshot, DroppedFrames, Queued, Register, TranscriptEntry, Unregister,
 };
-use crate::session::restart::{Decision, LegFailure, RestartPolicy, Restarts};
+use crate::session::restart::{Admission, Decision, LegFailure, RestartPolicy, Restarts};
 use crate::session::turns::{Action, Event, Turns, TurnsConfig};
 use crate::twilio_stream::TwilioPort;
 
@@ -138,6 +138,10 @@ pub struct CallActor {
     leg_state: LegState,
     ready_since: Option<Instant>,
     upstream_errors: u64,
+    /// This call probes OpenAI for the breaker; its outcome is still to be reported.
+    probe: bool,
+    /// A completed response was reported to the breaker (once per call is enough).
+    breaker_cleared: bool,
 
     call_sid: String,
     stream_sid: String,
@@ -199,6 +203,8 @@ impl CallActor {
             leg_state: LegState::Connecting,
             ready_since: None,
             upstream_errors: 0,
+            probe: false,
+            breaker_cleared: false,
             call_sid: String::new(),
             stream_sid: String::new(),
             from: String::new(),
@@ -369,7 +375,19 @@ impl CallActor {
             self.replay_upto = self.transcript.len();
         }
         let budget = self.restarts.max_restarts();
-        match self.restarts.on_leg_lost(&failure, ready_for) {
+        match self.restarts.on_leg_lost(&failure, ready_for, jitter()) {
+            Decision::Permanent => {
+                log::error!(
+                    "{} AI leg failed: {failure}; not retried: {}. The caller gets the fallback.",
+                    self.label,
+                    failure.advice()
+                );
+                self.engine
+                    .breaker()
+                    .on_permanent_failure(Instant::now(), failure.to_string());
+                self.probe = false;
+                self.end_call(StopReason::UpstreamRefused(failure.to_string()), ctx);
+            }
             Decision::GiveUp { failures } => {
                 log::error!(
                     "{} AI leg lost: {failure}; restart budget spent ({budget} restarts), ending the call",
@@ -529,10 +547,35 @@ impl Actor for CallActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         log::debug!("{} media stream connected", self.label);
+        if self.engine.upstream() == UpstreamKind::OpenAi {
+            let admission = self.engine.breaker().admit(Instant::now());
+            match admission {
+                Admission::Allow => {}
+                Admission::Probe => {
+                    log::info!(
+                        "{} the breaker's cooldown is over: this call probes OpenAI",
+                        self.label
+                    );
+                    self.probe = true;
+                }
+                Admission::Refuse { reason } => {
+                    log::warn!(
+                        "{} OpenAI not tried (breaker open after repeated permanent failures: {reason}); the caller gets the fallback",
+                        self.label
+                    );
+                    self.end_call(StopReason::BreakerOpen(reason), ctx);
+                    return;
+                }
+            }
+        }
         self.start_leg(ctx);
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
+        if self.probe {
+            // The probe ended before OpenAI answered either way: let another call probe.
+            self.engine.breaker().probe_abandoned();
+        }
         if self.registered {
             self.engine.registry().do_send(Unregister {
                 call_sid: self.call_sid.clone(),
@@ -642,6 +685,14 @@ impl Handler<UpstreamEvent> for CallActor {
                 status,
             } => {
                 log::debug!("{} response {response_id} {status}", self.label);
+                // A completed response proves key, quota and settings work: the breaker's
+                // count of consecutive permanent failures starts again (a configured session
+                // does not: a quota error comes with the first response).
+                if status == "completed" && !self.breaker_cleared {
+                    self.breaker_cleared = true;
+                    self.probe = false;
+                    self.engine.breaker().on_success();
+                }
                 self.apply(Event::ResponseDone { response_id }, ctx)
             }
             UpstreamEvent::Error { code, message } => {
@@ -673,6 +724,16 @@ impl Handler<GetSnapshot> for CallActor {
     fn handle(&mut self, msg: GetSnapshot, _: &mut Context<Self>) -> Self::Result {
         MessageResult(self.snapshot(msg.with_transcript))
     }
+}
+
+/// A random number in [0, 1) for the restart backoff's jitter, from the standard library's
+/// per-instance random hasher keys (no generator to seed or share between threads).
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn now_rfc3339() -> String {

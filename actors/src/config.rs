@@ -64,6 +64,11 @@ pub struct OpenAiConfig {
     pub max_frame_bytes: usize,
     /// After a restart, replay the call's transcript into the new session as context.
     pub replay_transcript_on_restart: bool,
+    /// Consecutive permanent failures (key, quota, configuration), across calls, that open the
+    /// breaker: new calls then get the fallback at once, without an OpenAI attempt (0: never).
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one call probes OpenAI again, s.
+    pub breaker_cooldown_s: u64,
 }
 
 impl Default for OpenAiConfig {
@@ -88,6 +93,8 @@ impl Default for OpenAiConfig {
             restart_backoff_max_ms: 4_000,
             max_frame_bytes: 1 << 20,
             replay_transcript_on_restart: true,
+            breaker_failures: 5,
+            breaker_cooldown_s: 30,
         }
     }
 }
@@ -141,6 +148,15 @@ impl OpenAiConfig {
             return Err(ConfigError::new(
                 "openai.restart_backoff_max_ms",
                 "must be at least openai.restart_backoff_ms",
+            ));
+        }
+        if self.breaker_failures > 0 && !(1..=3_600).contains(&self.breaker_cooldown_s) {
+            return Err(ConfigError::new(
+                "openai.breaker_cooldown_s",
+                format!(
+                    "must be between 1 and 3600 while openai.breaker_failures is set, got {}",
+                    self.breaker_cooldown_s
+                ),
             ));
         }
         if self.max_frame_bytes < 64 * 1024 {

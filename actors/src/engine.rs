@@ -2,7 +2,8 @@
 //! choice and its key), and the entry point the HTTP shell calls for each media stream.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -11,6 +12,7 @@ use secrecy::SecretString;
 use crate::call::CallActor;
 use crate::config::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};
 use crate::registry::CallRegistry;
+use crate::session::restart::Breaker;
 use crate::twilio_stream;
 
 /// Cheap to clone: one per HTTP worker, shared by every call.
@@ -21,6 +23,8 @@ pub struct Engine {
 
 struct Inner {
     registry: Addr<CallRegistry>,
+    /// Permanent OpenAI failures across calls (see [`Breaker`]).
+    breaker: Mutex<Breaker>,
     openai: Arc<OpenAiConfig>,
     call: CallConfig,
     upstream: UpstreamKind,
@@ -48,6 +52,10 @@ impl Engine {
         Ok(Self {
             inner: Arc::new(Inner {
                 registry,
+                breaker: Mutex::new(Breaker::new(
+                    openai.breaker_failures,
+                    Duration::from_secs(openai.breaker_cooldown_s),
+                )),
                 openai: Arc::new(openai),
                 call,
                 upstream,
@@ -59,6 +67,20 @@ impl Engine {
 
     pub fn registry(&self) -> &Addr<CallRegistry> {
         &self.inner.registry
+    }
+
+    /// The process-wide breaker, for a call to consult and report to.
+    pub fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        // A panic while holding it cannot leave it inconsistent: every method is one update.
+        self.inner
+            .breaker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Why new calls get the fallback without an OpenAI attempt, while the breaker is open.
+    pub fn degraded(&self) -> Option<String> {
+        self.breaker().open_reason(Instant::now())
     }
 
     pub fn upstream(&self) -> UpstreamKind {

@@ -86,6 +86,10 @@ pub enum StopReason {
     NoStart { ms: u64 },
     /// The AI leg failed more often than the restart budget allows.
     UpstreamFailed(String),
+    /// The AI leg failed in a way no retry can mend (key, quota, configuration).
+    UpstreamRefused(String),
+    /// The breaker is open: OpenAI was not tried for this call.
+    BreakerOpen(String),
     /// The service is shutting down.
     Shutdown,
 }
@@ -99,6 +103,8 @@ impl StopReason {
             StopReason::TwilioStalled { .. } => "twilio_stalled",
             StopReason::NoStart { .. } => "no_start",
             StopReason::UpstreamFailed(_) => "upstream_failed",
+            StopReason::UpstreamRefused(_) => "upstream_refused",
+            StopReason::BreakerOpen(_) => "breaker_open",
             StopReason::Shutdown => "shutdown",
         }
     }
@@ -122,6 +128,11 @@ impl std::fmt::Display for StopReason {
                 write!(f, "no_start: Twilio sent no start within {ms} ms")
             }
             StopReason::UpstreamFailed(why) => write!(f, "AI leg failed: {why}"),
+            StopReason::UpstreamRefused(why) => write!(f, "AI leg failed for good: {why}"),
+            StopReason::BreakerOpen(why) => write!(
+                f,
+                "OpenAI not tried: the breaker is open after repeated permanent failures ({why})"
+            ),
             StopReason::Shutdown => write!(f, "service shutting down"),
         }
     }

@@ -550,18 +550,30 @@ impl StreamHandler<Result<Frame, WsProtocolError>> for OpenAiRealtimeActor {
             }
             Ok(Frame::Pong(_)) => {}
             Ok(Frame::Close(reason)) => {
-                let reason = match reason {
-                    Some(r) => format!("{:?} {}", r.code, r.description.unwrap_or_default()),
-                    None => "no close code".to_string(),
+                let failure = match reason {
+                    Some(r) => LegFailure::Closed {
+                        code: Some(u16::from(r.code)),
+                        reason: format!("{:?} {}", r.code, r.description.unwrap_or_default()),
+                    },
+                    None => LegFailure::Closed {
+                        code: None,
+                        reason: "no close code".into(),
+                    },
                 };
-                self.fail(ctx, LegFailure::Closed(reason));
+                self.fail(ctx, failure);
             }
             Err(e) => self.fail(ctx, LegFailure::Protocol(e.to_string())),
         }
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        self.fail(ctx, LegFailure::Closed("socket ended".into()));
+        self.fail(
+            ctx,
+            LegFailure::Closed {
+                code: None,
+                reason: "socket ended".into(),
+            },
+        );
     }
 }
 
@@ -647,7 +659,10 @@ fn scrub(failure: LegFailure, key: &str) -> LegFailure {
             code,
             message: redact(&message, key),
         },
-        LegFailure::Closed(s) => LegFailure::Closed(redact(&s, key)),
+        LegFailure::Closed { code, reason } => LegFailure::Closed {
+            code,
+            reason: redact(&reason, key),
+        },
         LegFailure::Protocol(s) => LegFailure::Protocol(redact(&s, key)),
         other => other,
     }

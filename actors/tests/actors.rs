@@ -237,7 +237,10 @@ async fn the_route_is_handed_out_when_ready_and_taken_back_when_the_leg_is_lost(
         0,
         UpstreamEvent::Closed {
             leg: 0,
-            failure: LegFailure::Closed("1006".into()),
+            failure: LegFailure::Closed {
+                code: Some(1006),
+                reason: "abnormal".into(),
+            },
         },
     );
     wait_until(&rig.log, "route taken back", |s| {

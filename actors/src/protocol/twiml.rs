@@ -45,6 +45,38 @@ pub fn connect_stream(stream_url: &str, params: &[(&str, &str)]) -> String {
     twiml
 }
 
+/// [`connect_stream`] followed by what Twilio does when the stream ends: `<Say>` the `say`
+/// sentence (if not empty), then `<Dial>` the `dial` number or `sip:` URI (if not empty). Twilio
+/// runs these when callbridge closes the media stream, or when the stream fails; a caller whose
+/// assistant is lost hears an apology, or reaches a human, instead of silence and a hang-up.
+pub fn connect_stream_then(
+    stream_url: &str,
+    params: &[(&str, &str)],
+    say: &str,
+    dial: &str,
+) -> String {
+    let mut twiml = connect_stream(stream_url, params);
+    // invariant: `connect_stream` ends with `</Response>`.
+    twiml.truncate(twiml.len() - "</Response>".len());
+    if !say.trim().is_empty() {
+        twiml.push_str("<Say>");
+        twiml.push_str(&xml_escape(say.trim()));
+        twiml.push_str("</Say>");
+    }
+    let dial = dial.trim();
+    if let Some(sip) = dial.strip_prefix("sip:") {
+        twiml.push_str("<Dial><Sip>sip:");
+        twiml.push_str(&xml_escape(sip));
+        twiml.push_str("</Sip></Dial>");
+    } else if !dial.is_empty() {
+        twiml.push_str("<Dial>");
+        twiml.push_str(&xml_escape(dial));
+        twiml.push_str("</Dial>");
+    }
+    twiml.push_str("</Response>");
+    twiml
+}
+
 /// Whether [`connect_stream`] will include a `<Parameter>` with this name and value: their
 /// combined length, in characters before escaping, must be under [`MAX_PARAMETER_CHARS`].
 pub fn parameter_fits(name: &str, value: &str) -> bool {
@@ -95,6 +127,26 @@ fn is_forbidden_in_xml(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fallback_follows_the_stream_escaped() {
+        let twiml = connect_stream_then(
+            "wss://b.example.com/media-stream",
+            &[],
+            "Sorry <we're> down & out.",
+            "+14155550100",
+        );
+        assert_eq!(
+            twiml,
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Connect>\
+             <Stream url=\"wss://b.example.com/media-stream\"></Stream></Connect>\
+             <Say>Sorry &lt;we&apos;re&gt; down &amp; out.</Say><Dial>+14155550100</Dial></Response>"
+        );
+        let sip = connect_stream_then("wss://b/m", &[], "", "sip:desk@example.com");
+        assert!(sip.ends_with("</Connect><Dial><Sip>sip:desk@example.com</Sip></Dial></Response>"));
+        let none = connect_stream_then("wss://b/m", &[], " ", "");
+        assert_eq!(none, connect_stream("wss://b/m", &[]));
+    }
 
     /// The exact document for a typical call, byte for byte.
     #[test]

@@ -1,14 +1,23 @@
 //! The AI leg's supervision policy, decided in the `CallActor`: which failures restart the leg,
 //! after how long, and when the budget is spent.
 //!
-//! A leg failure is typed ([`LegFailure`]), so the policy can match on causes. Today every cause
-//! restarts within the budget (`openai.max_restarts` consecutive failures); a leg that stayed up
-//! for [`RestartPolicy::stable_after`] has proven the upstream healthy again and starts a fresh
-//! budget, while shorter-lived legs count against it, so an upstream that accepts and then
-//! fails every session cannot keep a call in a restart loop. Delays double per consecutive
-//! failure from `openai.restart_backoff_ms` up to `openai.restart_backoff_max_ms`.
+//! A leg failure is typed ([`LegFailure`]) and falls in one of three classes ([`FailureClass`]):
+//! - **retry** (connect refused or timed out, HTTP 429 and 5xx on the handshake, an abnormal
+//!   close, a stall): a new leg after a backoff that doubles per consecutive failure from
+//!   `openai.restart_backoff_ms` up to `openai.restart_backoff_max_ms`, with jitter (a random
+//!   50–100% of it, so that calls cut by one outage do not reconnect in step), within the budget
+//!   (`openai.max_restarts` consecutive failures);
+//! - **restart now** (`session_expired`, close 1001: the session reached its time cap): a new leg
+//!   at once, with the conversation replayed; it still counts against the budget;
+//! - **permanent** (HTTP 401/403 and other 4xx on the handshake, `invalid_api_key`,
+//!   `insufficient_quota`, a rejected `session.update`): never retried; the call ends (Twilio
+//!   then plays the fallback TwiML) and the process-wide [`Breaker`] counts it.
+//!
+//! A leg that stayed up for [`RestartPolicy::stable_after`] has proven the upstream healthy again
+//! and starts a fresh budget, while shorter-lived legs count against it, so an upstream that
+//! accepts and then fails every session cannot keep a call in a restart loop.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why an AI leg ended. Messages never carry secrets (the leg scrubs them).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,9 +37,9 @@ pub enum LegFailure {
     /// An `error` event after which the session cannot be used.
     #[error("OpenAI error {code}: {message}")]
     Fatal { code: String, message: String },
-    /// The server closed the socket.
-    #[error("OpenAI closed the socket: {0}")]
-    Closed(String),
+    /// The server closed the socket (with this close code, if it sent one).
+    #[error("OpenAI closed the socket: {reason}")]
+    Closed { code: Option<u16>, reason: String },
     /// A websocket protocol error, on read or write.
     #[error("websocket protocol error with OpenAI: {0}")]
     Protocol(String),
@@ -39,11 +48,66 @@ pub enum LegFailure {
     Stalled { ms: u64 },
 }
 
+/// What a failure means for the next leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Transient: try again after a backoff.
+    Retry,
+    /// The session reached its end (time cap): open the next one at once.
+    RestartNow,
+    /// A new leg would fail the same way (key, quota, configuration): do not retry.
+    Permanent,
+}
+
 impl LegFailure {
-    /// Whether a new leg can be expected to do better. Every cause restarts today; a typed
-    /// failure is what lets a later policy stop retrying, e.g., a revoked key.
-    pub fn is_retryable(&self) -> bool {
-        true
+    pub fn class(&self) -> FailureClass {
+        match self {
+            LegFailure::HandshakeStatus { status } => match status {
+                429 | 500..=599 => FailureClass::Retry,
+                _ => FailureClass::Permanent,
+            },
+            LegFailure::SessionRejected(_) => FailureClass::Permanent,
+            LegFailure::Fatal { code, .. } => match code.as_str() {
+                "session_expired" => FailureClass::RestartNow,
+                "invalid_api_key" | "insufficient_quota" | "beta_api_shape_disabled" => {
+                    FailureClass::Permanent
+                }
+                _ => FailureClass::Retry,
+            },
+            LegFailure::Closed {
+                code: Some(1001), ..
+            } => FailureClass::RestartNow,
+            LegFailure::Connect(_)
+            | LegFailure::NotConfigured { .. }
+            | LegFailure::Closed { .. }
+            | LegFailure::Protocol(_)
+            | LegFailure::Stalled { .. } => FailureClass::Retry,
+        }
+    }
+
+    /// What an operator should do about a permanent failure (empty for the others).
+    pub fn advice(&self) -> &'static str {
+        match self {
+            LegFailure::HandshakeStatus { status: 401 | 403 } => {
+                "check OPENAI_API_KEY: it is missing, wrong, revoked or lacks access to the model"
+            }
+            LegFailure::HandshakeStatus { status } if !matches!(status, 429 | 500..=599) => {
+                "check openai.url and openai.model: the API refused the upgrade"
+            }
+            LegFailure::Fatal { code, .. } if code == "invalid_api_key" => {
+                "check OPENAI_API_KEY: it is wrong or revoked"
+            }
+            LegFailure::Fatal { code, .. } if code == "insufficient_quota" => {
+                "the OpenAI account is out of quota: check its plan and billing"
+            }
+            LegFailure::Fatal { code, .. } if code == "beta_api_shape_disabled" => {
+                "the API refused the request shape: check openai.url"
+            }
+            LegFailure::SessionRejected(_) => {
+                "the API refused the session settings: check the [openai] setting it names"
+            }
+            _ => "",
+        }
     }
 }
 
@@ -62,8 +126,10 @@ pub struct RestartPolicy {
 pub enum Decision {
     /// Open leg number `attempt` of this run of failures after `delay_ms`.
     Restart { attempt: u32, delay_ms: u64 },
-    /// End the call: the budget is spent (or the failure cannot be retried).
+    /// End the call: the budget is spent.
     GiveUp { failures: u32 },
+    /// End the call at once: retrying cannot help.
+    Permanent,
 }
 
 /// The supervision state of one call.
@@ -84,21 +150,39 @@ impl Restarts {
         }
     }
 
-    /// A leg was lost; `ready_for` is how long it had been configured (None: never was).
-    pub fn on_leg_lost(&mut self, failure: &LegFailure, ready_for: Option<Duration>) -> Decision {
+    /// A leg was lost; `ready_for` is how long it had been configured (None: never was);
+    /// `jitter` is a random number in [0, 1) (the caller's, so this stays deterministic).
+    pub fn on_leg_lost(
+        &mut self,
+        failure: &LegFailure,
+        ready_for: Option<Duration>,
+        jitter: f64,
+    ) -> Decision {
         if ready_for.is_some_and(|d| d >= self.policy.stable_after) {
             self.consecutive_failures = 0;
         }
-        if !failure.is_retryable() || self.consecutive_failures >= self.policy.max_restarts {
+        let class = failure.class();
+        if class == FailureClass::Permanent {
+            return Decision::Permanent;
+        }
+        if self.consecutive_failures >= self.policy.max_restarts {
             return Decision::GiveUp {
                 failures: self.consecutive_failures,
             };
         }
         self.consecutive_failures += 1;
         self.total += 1;
+        let delay_ms = match class {
+            FailureClass::RestartNow => 0,
+            _ => {
+                let full = self.delay_ms(self.consecutive_failures);
+                // 50–100% of the backoff.
+                full / 2 + (full as f64 / 2.0 * jitter.clamp(0.0, 1.0)) as u64
+            }
+        };
         Decision::Restart {
             attempt: self.consecutive_failures,
-            delay_ms: self.delay_ms(self.consecutive_failures),
+            delay_ms,
         }
     }
 
@@ -116,6 +200,90 @@ impl Restarts {
     }
 }
 
+/// The process-wide circuit breaker for permanent failures: after `threshold` consecutive
+/// permanent failures across calls (a revoked key fails every call the same way), new calls get
+/// the fallback at once, without an OpenAI attempt, for `cooldown`; then one call probes. A
+/// completed response closes it (and resets the count); another permanent failure opens it
+/// again.
+#[derive(Debug)]
+pub struct Breaker {
+    /// Consecutive permanent failures that open it (0: never opens).
+    threshold: u32,
+    cooldown: Duration,
+    consecutive: u32,
+    open_until: Option<Instant>,
+    /// A call is probing since the cooldown ended; others are refused until it is decided.
+    probing: bool,
+    /// The last permanent failure, for `/health` and the log.
+    reason: String,
+}
+
+/// Whether a new call may try OpenAI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Allow,
+    /// Allowed as the probe after a cooldown: report how it went.
+    Probe,
+    /// Refused: the breaker is open for this reason.
+    Refuse {
+        reason: String,
+    },
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            threshold,
+            cooldown,
+            consecutive: 0,
+            open_until: None,
+            probing: false,
+            reason: String::new(),
+        }
+    }
+
+    pub fn admit(&mut self, now: Instant) -> Admission {
+        match self.open_until {
+            None => Admission::Allow,
+            Some(until) if now < until || self.probing => Admission::Refuse {
+                reason: self.reason.clone(),
+            },
+            Some(_) => {
+                self.probing = true;
+                Admission::Probe
+            }
+        }
+    }
+
+    /// A call's leg failed permanently.
+    pub fn on_permanent_failure(&mut self, now: Instant, reason: String) {
+        self.consecutive += 1;
+        self.probing = false;
+        self.reason = reason;
+        if self.threshold > 0 && self.consecutive >= self.threshold {
+            self.open_until = Some(now + self.cooldown);
+        }
+    }
+
+    /// A call got a completed response: key, quota and settings work.
+    pub fn on_success(&mut self) {
+        self.consecutive = 0;
+        self.open_until = None;
+        self.probing = false;
+    }
+
+    /// The probing call ended before it could tell (the caller hung up): let another probe.
+    pub fn probe_abandoned(&mut self) {
+        self.probing = false;
+    }
+
+    /// Why new calls are refused, while they are.
+    pub fn open_reason(&self, now: Instant) -> Option<String> {
+        let open = self.probing || self.open_until.is_some_and(|until| now < until);
+        open.then(|| self.reason.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,7 +298,10 @@ mod tests {
     }
 
     fn closed() -> LegFailure {
-        LegFailure::Closed("1006".into())
+        LegFailure::Closed {
+            code: Some(1006),
+            reason: "abnormal".into(),
+        }
     }
 
     #[test]
@@ -144,21 +315,21 @@ mod tests {
     fn the_budget_counts_consecutive_failures_then_gives_up() {
         let mut r = restarts(2);
         assert_eq!(
-            r.on_leg_lost(&closed(), None),
+            r.on_leg_lost(&closed(), None, 1.0),
             Decision::Restart {
                 attempt: 1,
                 delay_ms: 100
             }
         );
         assert_eq!(
-            r.on_leg_lost(&LegFailure::Connect("refused".into()), None),
+            r.on_leg_lost(&LegFailure::Connect("refused".into()), None, 1.0),
             Decision::Restart {
                 attempt: 2,
                 delay_ms: 200
             }
         );
         assert_eq!(
-            r.on_leg_lost(&closed(), Some(Duration::from_secs(1))),
+            r.on_leg_lost(&closed(), Some(Duration::from_secs(1)), 1.0),
             Decision::GiveUp { failures: 2 }
         );
         assert_eq!(r.total, 2);
@@ -168,17 +339,17 @@ mod tests {
     fn a_stable_leg_starts_a_fresh_budget() {
         let mut r = restarts(1);
         assert!(matches!(
-            r.on_leg_lost(&closed(), None),
+            r.on_leg_lost(&closed(), None, 1.0),
             Decision::Restart { attempt: 1, .. }
         ));
         // The new leg stayed up for a minute: its loss is a first failure again.
         assert!(matches!(
-            r.on_leg_lost(&closed(), Some(Duration::from_secs(60))),
+            r.on_leg_lost(&closed(), Some(Duration::from_secs(60)), 1.0),
             Decision::Restart { attempt: 1, .. }
         ));
         // A short-lived leg does not reset it.
         assert_eq!(
-            r.on_leg_lost(&closed(), Some(Duration::from_secs(5))),
+            r.on_leg_lost(&closed(), Some(Duration::from_secs(5)), 1.0),
             Decision::GiveUp { failures: 1 }
         );
     }
@@ -187,9 +358,142 @@ mod tests {
     fn a_zero_budget_never_restarts() {
         let mut r = restarts(0);
         assert_eq!(
-            r.on_leg_lost(&LegFailure::Stalled { ms: 5_000 }, None),
+            r.on_leg_lost(&LegFailure::Stalled { ms: 5_000 }, None, 1.0),
             Decision::GiveUp { failures: 0 }
         );
+    }
+
+    #[test]
+    fn failures_fall_in_their_classes() {
+        use FailureClass::*;
+        let cases = [
+            (LegFailure::Connect("refused".into()), Retry),
+            (LegFailure::NotConfigured { ms: 5_000 }, Retry),
+            (LegFailure::HandshakeStatus { status: 429 }, Retry),
+            (LegFailure::HandshakeStatus { status: 503 }, Retry),
+            (LegFailure::HandshakeStatus { status: 401 }, Permanent),
+            (LegFailure::HandshakeStatus { status: 403 }, Permanent),
+            (LegFailure::HandshakeStatus { status: 404 }, Permanent),
+            (
+                LegFailure::SessionRejected("unknown_parameter".into()),
+                Permanent,
+            ),
+            (fatal("invalid_api_key"), Permanent),
+            (fatal("insufficient_quota"), Permanent),
+            (fatal("session_expired"), RestartNow),
+            (fatal("server_error"), Retry),
+            (
+                LegFailure::Closed {
+                    code: Some(1001),
+                    reason: "going away".into(),
+                },
+                RestartNow,
+            ),
+            (closed(), Retry),
+            (LegFailure::Protocol("bad frame".into()), Retry),
+            (LegFailure::Stalled { ms: 5_000 }, Retry),
+        ];
+        for (failure, class) in cases {
+            assert_eq!(failure.class(), class, "{failure}");
+            assert_eq!(
+                failure.advice().is_empty(),
+                class != Permanent,
+                "advice for {failure}"
+            );
+        }
+    }
+
+    fn fatal(code: &str) -> LegFailure {
+        LegFailure::Fatal {
+            code: code.into(),
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn permanent_failures_are_never_retried_and_expiry_restarts_at_once() {
+        let mut r = restarts(3);
+        assert_eq!(
+            r.on_leg_lost(&LegFailure::HandshakeStatus { status: 401 }, None, 0.5),
+            Decision::Permanent
+        );
+        assert_eq!(r.total, 0);
+        assert_eq!(
+            r.on_leg_lost(
+                &fatal("session_expired"),
+                Some(Duration::from_secs(3_300)),
+                0.5
+            ),
+            Decision::Restart {
+                attempt: 1,
+                delay_ms: 0
+            }
+        );
+    }
+
+    #[test]
+    fn the_backoff_has_jitter_between_half_and_all_of_it() {
+        let mut low = restarts(3);
+        let mut high = restarts(3);
+        assert_eq!(
+            low.on_leg_lost(&closed(), None, 0.0),
+            Decision::Restart {
+                attempt: 1,
+                delay_ms: 50
+            }
+        );
+        assert_eq!(
+            high.on_leg_lost(&closed(), None, 0.999),
+            Decision::Restart {
+                attempt: 1,
+                delay_ms: 99
+            }
+        );
+    }
+
+    #[test]
+    fn the_breaker_opens_after_consecutive_permanent_failures_then_lets_one_probe() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(2, Duration::from_secs(30));
+        assert_eq!(b.admit(t0), Admission::Allow);
+        b.on_permanent_failure(t0, "HTTP 401".into());
+        assert_eq!(b.admit(t0), Admission::Allow, "one failure is not enough");
+        b.on_permanent_failure(t0, "HTTP 401".into());
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(1)),
+            Admission::Refuse {
+                reason: "HTTP 401".into()
+            }
+        );
+        assert_eq!(b.open_reason(t0), Some("HTTP 401".into()));
+        // After the cooldown one call probes; the others wait for its outcome.
+        let later = t0 + Duration::from_secs(31);
+        assert_eq!(b.admit(later), Admission::Probe);
+        assert!(matches!(b.admit(later), Admission::Refuse { .. }));
+        // The probe's caller hung up before it could tell: another may probe.
+        b.probe_abandoned();
+        assert_eq!(b.admit(later), Admission::Probe);
+        // It failed again: open for another cooldown.
+        b.on_permanent_failure(later, "HTTP 401".into());
+        assert!(matches!(
+            b.admit(later + Duration::from_secs(29)),
+            Admission::Refuse { .. }
+        ));
+        let much_later = later + Duration::from_secs(31);
+        assert_eq!(b.admit(much_later), Admission::Probe);
+        b.on_success();
+        assert_eq!(b.admit(much_later), Admission::Allow);
+        assert_eq!(b.open_reason(much_later), None);
+    }
+
+    #[test]
+    fn a_zero_threshold_never_opens() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(0, Duration::from_secs(30));
+        for _ in 0..10 {
+            b.on_permanent_failure(t0, "x".into());
+        }
+        assert_eq!(b.admit(t0), Admission::Allow);
     }
 
     #[test]
