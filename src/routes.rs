@@ -39,6 +39,11 @@ pub enum ApiError {
     /// `/calls` needs the admin token.
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// No admin token is set, and `/calls` then answers the local host only.
+    #[error(
+        "no admin token is set: /calls answers only the local host (set CALLBRIDGE_ADMIN_TOKEN)"
+    )]
+    LoopbackOnly,
     /// No live call with that SID.
     #[error("no live call {0}")]
     CallNotFound(String),
@@ -51,7 +56,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadSignature => StatusCode::FORBIDDEN,
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::LoopbackOnly => StatusCode::UNAUTHORIZED,
             ApiError::CallNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::RegistryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -262,30 +267,127 @@ fn check_signature(
 }
 
 fn check_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
-    let Some(token) = &state.settings.secrets.admin_token else {
-        return Ok(());
-    };
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
+        .and_then(|v| v.strip_prefix("Bearer "));
+    admin_access(
+        req.peer_addr().map(|a| a.ip()),
+        state
+            .settings
+            .secrets
+            .admin_token
+            .as_ref()
+            .map(|t| t.expose_secret()),
+        given,
+    )
+}
+
+/// Who may read `/calls` (phone numbers, transcripts): with an admin token, whoever presents
+/// it; without one, the local host only.
+fn admin_access(
+    peer: Option<std::net::IpAddr>,
+    token: Option<&str>,
+    given: Option<&str>,
+) -> Result<(), ApiError> {
+    match token {
+        Some(token) => {
+            if constant_time_eq(given.unwrap_or("").as_bytes(), token.as_bytes()) {
+                Ok(())
+            } else {
+                Err(ApiError::Unauthorized)
+            }
+        }
+        None if peer.is_some_and(|ip| ip.is_loopback()) => Ok(()),
+        None => Err(ApiError::LoopbackOnly),
     }
 }
 
+/// Compares in time that depends on neither input's content nor length: both are hashed with
+/// a key drawn at start-up, and the digests (always 20 bytes) are compared in full.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use hmac::{KeyInit, Mac};
+    static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut key = [0u8; 32];
+        for chunk in key.chunks_mut(8) {
+            let bits = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            chunk.copy_from_slice(&bits.to_le_bytes());
+        }
+        key
+    });
+    let digest = |data: &[u8]| {
+        // invariant: HMAC accepts a key of any length.
+        let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(key).expect("any key length");
+        mac.update(data);
+        mac.finalize().into_bytes()
+    };
+    let (da, db) = (digest(a), digest(b));
+    da.iter()
+        .zip(db.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Any other path: a JSON 404.
 pub async fn not_found() -> HttpResponse {
     HttpResponse::NotFound().json(json!({"error": "not found"}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    #[test]
+    fn without_a_token_only_the_local_host_reads_calls() {
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let local6: IpAddr = "::1".parse().unwrap();
+        let remote: IpAddr = "10.1.2.3".parse().unwrap();
+        assert!(admin_access(Some(local), None, None).is_ok());
+        assert!(admin_access(Some(local6), None, None).is_ok());
+        assert!(matches!(
+            admin_access(Some(remote), None, Some("anything")),
+            Err(ApiError::LoopbackOnly)
+        ));
+        assert!(matches!(
+            admin_access(None, None, None),
+            Err(ApiError::LoopbackOnly)
+        ));
+    }
+
+    #[test]
+    fn with_a_token_anyone_with_it_reads_calls_and_no_one_without() {
+        let remote: IpAddr = "10.1.2.3".parse().unwrap();
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(admin_access(Some(remote), Some("s3cret-token"), Some("s3cret-token")).is_ok());
+        for wrong in [
+            None,
+            Some(""),
+            Some("s3cret"),
+            Some("s3cret-token-and-more"),
+            Some("x"),
+        ] {
+            assert!(
+                matches!(
+                    admin_access(Some(local), Some("s3cret-token"), wrong),
+                    Err(ApiError::Unauthorized)
+                ),
+                "{wrong:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_comparison_is_exact() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
 }

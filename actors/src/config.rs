@@ -236,7 +236,7 @@ impl Default for CallConfig {
             playback_budget_ms: 30_000,
             twilio_queue_ms: 15_000,
             openai_queue_ms: 2_000,
-            start_timeout_ms: 10_000,
+            start_timeout_ms: 5_000,
         }
     }
 }
