@@ -129,7 +129,7 @@ fn bench_session(c: &mut Criterion, payload: &str) {
         b.iter(|| {
             out.clear();
             ts += 20;
-            inbound.on_media(payload.clone(), FRAME_BYTES as u32, Some(ts), &mut out);
+            inbound.on_media(payload.clone(), FRAME_BYTES as u32, Some(ts), ts, &mut out);
             debug_assert_eq!(out.len(), 1);
             black_box(&out);
         })

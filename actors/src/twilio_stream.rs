@@ -245,6 +245,8 @@ pub struct TwilioStreamActor {
     /// Reused for every frame (silence fill + the frame), so the audio path allocates no vector.
     forward: Vec<(Bytes, u32)>,
     started: bool,
+    /// When the stream connected: the clock of frame arrivals.
+    opened: Instant,
     /// Log the frame counts every this many caller frames (0: never).
     frame_log_interval: u64,
     last_frame: Instant,
@@ -294,6 +296,7 @@ impl TwilioStreamActor {
             ai: None,
             forward: Vec::with_capacity(8),
             started: false,
+            opened: Instant::now(),
             frame_log_interval: cfg.frame_log_interval,
             last_frame: Instant::now(),
             stall_timeout: Duration::from_millis(cfg.stall_timeout_ms),
@@ -338,8 +341,13 @@ impl TwilioStreamActor {
                     std::borrow::Cow::Owned(s) => Bytes::from(s),
                 };
                 let mut forward = std::mem::take(&mut self.forward);
-                self.inbound
-                    .on_media(payload, audio_bytes as u32, timestamp_ms, &mut forward);
+                self.inbound.on_media(
+                    payload,
+                    audio_bytes as u32,
+                    timestamp_ms,
+                    self.opened.elapsed().as_millis() as u64,
+                    &mut forward,
+                );
                 self.send_to_ai(&mut forward);
                 self.forward = forward;
             }

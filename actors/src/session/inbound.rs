@@ -7,9 +7,12 @@
 //! - Lost inbound packets show as a jump in Twilio's media clock. Server VAD measures time by the
 //!   audio it receives, so a hole would shift its clock and can stall turn detection: what was
 //!   lost is replaced with μ-law silence, in 20 ms frames, up to `call.fill_gaps_max_ms` a gap.
-//!   Timestamps are peer input: the arithmetic saturates, and a timestamp that goes backwards
-//!   fills nothing and does not move the clock back (alternating timestamps cannot make it fill
-//!   the same gap twice).
+//!   Timestamps are peer input: the arithmetic saturates, a timestamp that goes backwards fills
+//!   nothing and does not move the clock back (alternating timestamps cannot make it fill the
+//!   same gap twice), and the audio forwarded (frames and silence) never runs more than
+//!   [`JITTER_ALLOWANCE_MS`] ahead of the time that really passed since the first frame arrived
+//!   (a peer cannot make it send silence, which OpenAI bills, faster than real time; bunched
+//!   arrivals after network jitter still get their gap filled).
 
 use std::collections::VecDeque;
 
@@ -18,6 +21,10 @@ use bytes::Bytes;
 use super::BYTES_PER_MS;
 
 const SILENCE_FRAME_MS: u64 = 20;
+
+/// How far the audio forwarded may run ahead of real time: network jitter delivers frames in
+/// bunches, so a fill may come a little early; this bounds what a lying peer can gain, once.
+pub const JITTER_ALLOWANCE_MS: u64 = 1_000;
 const SILENCE_FRAME_BYTES: u32 = (SILENCE_FRAME_MS * BYTES_PER_MS) as u32;
 
 #[derive(Debug, Clone)]
@@ -43,6 +50,10 @@ pub struct Inbound {
     held_bytes: u64,
     /// Twilio timestamp the next frame should carry if none was lost.
     next_ts: Option<u64>,
+    /// When the first frame arrived, ms on the caller's monotonic clock.
+    first_arrival_ms: Option<u64>,
+    /// Audio forwarded or held since then (frames and silence), ms.
+    audio_ms: u64,
     counts: InboundCounts,
 }
 
@@ -54,22 +65,32 @@ impl Inbound {
             held: VecDeque::new(),
             held_bytes: 0,
             next_ts: None,
+            first_arrival_ms: None,
+            audio_ms: 0,
             counts: InboundCounts::default(),
         }
     }
 
-    /// One caller frame. Frames to forward now (silence first, then this one) are pushed to
-    /// `out`; while not routed they are held instead.
+    /// One caller frame, with Twilio's timestamp and when it arrived (ms on a monotonic clock).
+    /// Frames to forward now (silence first, then this one) are pushed to `out`; while not
+    /// routed they are held instead.
     pub fn on_media(
         &mut self,
         payload: Bytes,
         bytes: u32,
         timestamp_ms: Option<u64>,
+        arrived_ms: u64,
         out: &mut Vec<(Bytes, u32)>,
     ) {
+        let first = *self.first_arrival_ms.get_or_insert(arrived_ms);
+        let frame_ms = u64::from(bytes) / BYTES_PER_MS;
+        // Silence that fits before this frame without running ahead of real time.
+        let allowed_ms = (arrived_ms.saturating_sub(first) + JITTER_ALLOWANCE_MS)
+            .saturating_sub(self.audio_ms + frame_ms);
         if let Some(ts) = timestamp_ms {
-            self.fill_gap_before(ts, bytes, out);
+            self.fill_gap_before(ts, bytes, allowed_ms, out);
         }
+        self.audio_ms += frame_ms;
         self.forward(payload, bytes, out);
     }
 
@@ -112,7 +133,13 @@ impl Inbound {
         }
     }
 
-    fn fill_gap_before(&mut self, ts: u64, bytes: u32, out: &mut Vec<(Bytes, u32)>) {
+    fn fill_gap_before(
+        &mut self,
+        ts: u64,
+        bytes: u32,
+        allowed_ms: u64,
+        out: &mut Vec<(Bytes, u32)>,
+    ) {
         let end = ts.saturating_add(u64::from(bytes) / BYTES_PER_MS);
         let Some(expected) = self.next_ts else {
             self.next_ts = Some(end);
@@ -123,12 +150,15 @@ impl Inbound {
         if ts <= expected || self.cfg.fill_gaps_max_ms == 0 {
             return;
         }
-        let gap_ms = (ts - expected).min(self.cfg.fill_gaps_max_ms);
+        let gap_ms = (ts - expected)
+            .min(self.cfg.fill_gaps_max_ms)
+            .min(allowed_ms);
         let frames = gap_ms / SILENCE_FRAME_MS;
         for _ in 0..frames {
             self.forward(silence_frame(), SILENCE_FRAME_BYTES, out);
         }
         self.counts.silence_filled_ms += frames * SILENCE_FRAME_MS;
+        self.audio_ms += frames * SILENCE_FRAME_MS;
     }
 }
 
@@ -178,7 +208,7 @@ mod tests {
         let mut i = inbound();
         let mut out = Vec::new();
         for n in 0..8 {
-            i.on_media(frame(&format!("f{n}")), 160, None, &mut out);
+            i.on_media(frame(&format!("f{n}")), 160, None, n * 20, &mut out);
         }
         assert!(out.is_empty());
         // 800 bytes fit: the oldest three of eight 160-byte frames were dropped.
@@ -187,12 +217,12 @@ mod tests {
         assert_eq!(names(&out), vec!["f3", "f4", "f5", "f6", "f7"]);
         assert_eq!(i.held_bytes(), 0);
         out.clear();
-        i.on_media(frame("f8"), 160, None, &mut out);
+        i.on_media(frame("f8"), 160, None, 200, &mut out);
         assert_eq!(names(&out), vec!["f8"]);
         // Route taken back (leg lost): held again.
         i.set_routed(false, &mut out);
         out.clear();
-        i.on_media(frame("f9"), 160, None, &mut out);
+        i.on_media(frame("f9"), 160, None, 220, &mut out);
         assert!(out.is_empty());
         assert_eq!(i.held_bytes(), 160);
     }
@@ -202,17 +232,17 @@ mod tests {
         let mut i = inbound();
         let mut out = Vec::new();
         i.set_routed(true, &mut out);
-        i.on_media(frame("t0"), 160, Some(0), &mut out);
-        i.on_media(frame("t20"), 160, Some(20), &mut out);
+        i.on_media(frame("t0"), 160, Some(0), 0, &mut out);
+        i.on_media(frame("t20"), 160, Some(20), 20, &mut out);
         assert_eq!(names(&out), vec!["t0", "t20"]);
         out.clear();
         // 60 ms lost (frames 40, 60, 80): three silence frames first.
-        i.on_media(frame("t100"), 160, Some(100), &mut out);
+        i.on_media(frame("t100"), 160, Some(100), 100, &mut out);
         assert_eq!(names(&out), vec!["silence", "silence", "silence", "t100"]);
         assert_eq!(i.take_counts().silence_filled_ms, 60);
         out.clear();
         // A 10 s gap is filled only up to fill_gaps_max_ms (100 ms = 5 frames).
-        i.on_media(frame("t10120"), 160, Some(10_120), &mut out);
+        i.on_media(frame("t10120"), 160, Some(10_120), 10_120, &mut out);
         assert_eq!(out.len(), 6);
         assert_eq!(i.take_counts().silence_filled_ms, 100);
     }
@@ -222,18 +252,56 @@ mod tests {
         let mut i = inbound();
         let mut out = Vec::new();
         i.set_routed(true, &mut out);
-        i.on_media(frame("a"), 160, Some(1_000), &mut out);
-        i.on_media(frame("b"), 160, Some(2_000), &mut out); // gap: 100 ms filled
-        assert_eq!(i.take_counts().silence_filled_ms, 100);
+        // Frames arrive every 20 ms in real time, whatever their timestamps say.
+        let mut now = 0;
+        let mut send = |i: &mut Inbound, ts: u64, out: &mut Vec<(Bytes, u32)>| {
+            now += 20;
+            i.on_media(frame("x"), 160, Some(ts), now, out);
+        };
+        send(&mut i, 1_000, &mut out);
+        send(&mut i, 2_000, &mut out);
+        assert_eq!(
+            i.take_counts().silence_filled_ms,
+            100,
+            "up to fill_gaps_max_ms"
+        );
         // Alternating back and forth: the clock stays at the latest, nothing more is filled.
         for _ in 0..10 {
-            i.on_media(frame("back"), 160, Some(1_000), &mut out);
-            i.on_media(frame("fwd"), 160, Some(2_000), &mut out);
+            send(&mut i, 1_000, &mut out);
+            send(&mut i, 2_000, &mut out);
         }
         assert_eq!(i.take_counts().silence_filled_ms, 0);
-        i.on_media(frame("max"), 160, Some(u64::MAX), &mut out);
-        i.on_media(frame("max2"), 160, Some(u64::MAX), &mut out);
+        send(&mut i, u64::MAX, &mut out);
+        send(&mut i, u64::MAX, &mut out);
         assert_eq!(i.take_counts().silence_filled_ms, 100);
+    }
+
+    #[test]
+    fn a_peer_cannot_make_it_send_silence_faster_than_real_time() {
+        let mut i = inbound();
+        let mut out = Vec::new();
+        i.set_routed(true, &mut out);
+        // Each frame claims a 100 ms jump, but frames arrive 20 ms apart: in 5 s of real time
+        // the audio forwarded (frames and silence) stays within 5 s plus the jitter allowance,
+        // not the 30 s the timestamps claim.
+        for n in 0..250u64 {
+            i.on_media(frame("x"), 160, Some(n * 120), n * 20, &mut out);
+        }
+        let forwarded_ms = out.len() as u64 * 20;
+        assert!(
+            forwarded_ms <= 5_000 + JITTER_ALLOWANCE_MS,
+            "{forwarded_ms} ms of audio in 5 s"
+        );
+        // Bunched arrivals (jitter) still get their gap filled: 60 ms lost, the next frame
+        // arrives only 30 ms after the previous one.
+        let mut j = inbound();
+        let mut out = Vec::new();
+        j.set_routed(true, &mut out);
+        for n in 0..3u64 {
+            j.on_media(frame("x"), 160, Some(n * 20), n * 20, &mut out);
+        }
+        j.on_media(frame("y"), 160, Some(120), 70, &mut out);
+        assert_eq!(j.take_counts().silence_filled_ms, 60);
     }
 
     #[test]
