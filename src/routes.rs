@@ -104,8 +104,17 @@ async fn voice(
             .unwrap_or("")
     };
     let call_sid = param("CallSid");
-    log::info!("[{call_sid}] incoming call: answering with <Connect><Stream>");
     let fallback = &state.settings.fallback;
+    let max_calls = state.settings.server.max_calls;
+    if max_calls > 0 && state.engine.live_calls() >= max_calls {
+        log::warn!(
+            "[{call_sid}] incoming call refused: {max_calls} calls live (server.max_calls); answering with the fallback"
+        );
+        return Ok(HttpResponse::Ok()
+            .content_type("text/xml; charset=utf-8")
+            .body(twiml::fallback_only(&fallback.say, &fallback.dial)));
+    }
+    log::info!("[{call_sid}] incoming call: answering with <Connect><Stream>");
     let body = twiml::connect_stream_then(
         &stream_url(&req, &state),
         &[
@@ -129,6 +138,12 @@ async fn media_stream(
 ) -> Result<HttpResponse, actix_web::Error> {
     // The upgrade is a GET with no body: Twilio signs the wss:// URL alone.
     check_signature(&req, &state, &stream_url(&req, &state), &[])?;
+    let max_calls = state.settings.server.max_calls;
+    if max_calls > 0 && state.engine.live_calls() >= max_calls {
+        log::warn!("media stream refused: {max_calls} calls live (server.max_calls)");
+        return Ok(HttpResponse::ServiceUnavailable()
+            .json(json!({"error": "too many live calls (server.max_calls)"})));
+    }
     state.engine.accept_media_stream(&req, payload)
 }
 
@@ -152,6 +167,8 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         "upstream": upstream.as_str(),
         "upstream_mode": state.settings.upstream.as_str(),
         "live_calls": live_calls,
+        "media_streams": state.engine.live_calls(),
+        "max_calls": state.settings.server.max_calls,
         "calls_ended": calls_ended,
         "uptime_s": state.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),

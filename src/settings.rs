@@ -42,6 +42,9 @@ pub struct ServerSettings {
     pub workers: usize,
     /// Seconds live calls get to finish on shutdown before their sockets are closed.
     pub shutdown_timeout_s: u64,
+    /// Live calls at most (0: no limit). Past it, `/voice` answers the fallback alone and new
+    /// media streams are refused with 503.
+    pub max_calls: usize,
 }
 
 impl Default for ServerSettings {
@@ -52,6 +55,7 @@ impl Default for ServerSettings {
             public_url: String::new(),
             workers: 0,
             shutdown_timeout_s: 30,
+            max_calls: 0,
         }
     }
 }

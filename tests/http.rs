@@ -168,3 +168,41 @@ async fn voice_webhook_appends_the_configured_fallback() {
         "{body}"
     );
 }
+
+/// Past `server.max_calls`, `/voice` answers the fallback alone (no `<Connect>`) and a new
+/// media stream gets 503; once a call ends, calls are taken again. `/health` shows the load.
+#[actix_web::test]
+async fn calls_past_max_calls_get_the_fallback_and_streams_are_refused() {
+    let mut settings = test_settings();
+    settings.server.max_calls = 1;
+    let app = spawn_app(settings).await;
+    let first = FakeTwilio::connect(&app.ws_url()).await;
+    first.start_call("MZ_max1", "CA_max1", &[]).await;
+    app.wait_call_count(1).await;
+
+    let (status, _, body) = post_voice(&app.http("/voice"), FORM, None).await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("<Connect>"), "{body}");
+    assert!(body.contains("<Say>"), "{body}");
+    assert_eq!(
+        FakeTwilio::connect_expect_status(&app.ws_url(), &[]).await,
+        503
+    );
+    let (_, health) = app.get_json("/health").await;
+    assert_eq!(health["media_streams"], 1);
+    assert_eq!(health["max_calls"], 1);
+
+    first.hang_up().await;
+    app.wait_call_count(0).await;
+    let mut taken = false;
+    for _ in 0..100 {
+        let (_, _, body) = post_voice(&app.http("/voice"), FORM, None).await;
+        if body.contains("<Connect>") {
+            taken = true;
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(taken, "calls are taken again once the first ended");
+    first.assert_no_violations();
+}

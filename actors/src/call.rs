@@ -547,6 +547,7 @@ impl Actor for CallActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         log::debug!("{} media stream connected", self.label);
+        self.engine.call_opened();
         if self.engine.upstream() == UpstreamKind::OpenAi {
             let admission = self.engine.breaker().admit(Instant::now());
             match admission {
@@ -572,6 +573,7 @@ impl Actor for CallActor {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
+        self.engine.call_closed();
         if self.probe {
             // The probe ended before OpenAI answered either way: let another call probe.
             self.engine.breaker().probe_abandoned();

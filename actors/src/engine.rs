@@ -1,7 +1,7 @@
 //! `Engine`: what every call needs from the process (the registry, the settings, the upstream
 //! choice and its key), and the entry point the HTTP shell calls for each media stream.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,8 @@ struct Inner {
     upstream: UpstreamKind,
     api_key: Option<SecretString>,
     next_instance: AtomicU64,
+    /// Media streams open now (a call's actor from start to stop), for `server.max_calls`.
+    live: AtomicUsize,
 }
 
 impl Engine {
@@ -61,6 +63,7 @@ impl Engine {
                 upstream,
                 api_key,
                 next_instance: AtomicU64::new(1),
+                live: AtomicUsize::new(0),
             }),
         })
     }
@@ -76,6 +79,19 @@ impl Engine {
             .breaker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Media streams open now.
+    pub fn live_calls(&self) -> usize {
+        self.inner.live.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn call_opened(&self) {
+        self.inner.live.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn call_closed(&self) {
+        self.inner.live.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Why new calls get the fallback without an OpenAI attempt, while the breaker is open.

@@ -77,6 +77,16 @@ pub fn connect_stream_then(
     twiml
 }
 
+/// The fallback alone (`<Say>`, then `<Dial>`), for a call callbridge will not take (over
+/// `server.max_calls`).
+pub fn fallback_only(say: &str, dial: &str) -> String {
+    connect_stream_then("", &[], say, dial).replacen(
+        "<Connect><Stream url=\"\"></Stream></Connect>",
+        "",
+        1,
+    )
+}
+
 /// Whether [`connect_stream`] will include a `<Parameter>` with this name and value: their
 /// combined length, in characters before escaping, must be under [`MAX_PARAMETER_CHARS`].
 pub fn parameter_fits(name: &str, value: &str) -> bool {
@@ -146,6 +156,11 @@ mod tests {
         assert!(sip.ends_with("</Connect><Dial><Sip>sip:desk@example.com</Sip></Dial></Response>"));
         let none = connect_stream_then("wss://b/m", &[], " ", "");
         assert_eq!(none, connect_stream("wss://b/m", &[]));
+        assert_eq!(
+            fallback_only("Busy & sorry.", "+14155550100"),
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><Say>Busy &amp; sorry.</Say>\
+             <Dial>+14155550100</Dial></Response>"
+        );
     }
 
     /// The exact document for a typical call, byte for byte.
