@@ -6,7 +6,7 @@ pub mod settings;
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::Actor;
 use actix_web::dev::Server;
@@ -21,6 +21,57 @@ pub struct Application {
     port: u16,
     server: Server,
     upstream: UpstreamKind,
+    drain: Drain,
+}
+
+/// Drains the service for a deploy: no new calls, live calls go on until they end or the
+/// timeout, then the server stops. SIGTERM/SIGINT start it; tests call [`Drain::start`].
+#[derive(Clone)]
+pub struct Drain {
+    engine: Engine,
+    handle: actix_web::dev::ServerHandle,
+    timeout: Duration,
+}
+
+impl Drain {
+    /// Starts draining (once) and stops the server when the calls are gone or time is up.
+    pub fn start(&self) {
+        if self.engine.is_draining() {
+            return;
+        }
+        self.engine.start_draining();
+        let drain = self.clone();
+        actix_web::rt::spawn(async move {
+            let started = Instant::now();
+            log::info!(
+                "draining: /ready answers 503, new calls get the fallback; {} calls live, {} s to finish",
+                drain.engine.live_calls(),
+                drain.timeout.as_secs()
+            );
+            let mut last_log = Instant::now();
+            loop {
+                let live = drain.engine.live_calls();
+                if live == 0 {
+                    log::info!("drained: no call left; stopping");
+                    drain.handle.stop(true).await;
+                    return;
+                }
+                let left = drain.timeout.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    log::warn!(
+                        "drain timeout: closing {live} live calls (their callers get the fallback); stopping"
+                    );
+                    drain.handle.stop(false).await;
+                    return;
+                }
+                if last_log.elapsed() >= Duration::from_secs(1) {
+                    log::info!("draining: {live} calls left, {} s left", left.as_secs());
+                    last_log = Instant::now();
+                }
+                actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
 }
 
 impl Application {
@@ -49,9 +100,9 @@ impl Application {
             })?;
         let port = listener.local_addr()?.port();
         let workers = settings.server.workers;
-        let shutdown_timeout = settings.server.shutdown_timeout_s;
+        let drain_timeout = Duration::from_secs(settings.server.drain_timeout_s);
         let state = web::Data::new(routes::AppState {
-            engine,
+            engine: engine.clone(),
             settings: Arc::new(settings),
             started: Instant::now(),
         });
@@ -61,7 +112,10 @@ impl Application {
                 .configure(routes::configure)
                 .default_service(web::to(routes::not_found))
         })
-        .shutdown_timeout(shutdown_timeout)
+        // The drain decides when calls are closed; the server's own grace period only covers
+        // the last moments, and its signal handling is ours (SIGTERM starts the drain).
+        .shutdown_timeout(1)
+        .disable_signals()
         // Audio goes out in small frames every 20 ms: Nagle's algorithm would hold a frame
         // back while the previous one is unacknowledged (actix-http leaves it on by default).
         .tcp_nodelay(true);
@@ -69,10 +123,16 @@ impl Application {
             server = server.workers(workers);
         }
         let server = server.listen(listener)?.run();
+        let drain = Drain {
+            engine,
+            handle: server.handle(),
+            timeout: drain_timeout,
+        };
         Ok(Self {
             port,
             server,
             upstream,
+            drain,
         })
     }
 
@@ -89,8 +149,58 @@ impl Application {
         self.server.handle()
     }
 
-    /// Serves until the process is told to stop (SIGINT/SIGTERM) or the handle stops it.
+    /// The drain of this service (for tests; SIGTERM/SIGINT start it in `run_until_stopped`).
+    pub fn drain(&self) -> Drain {
+        self.drain.clone()
+    }
+
+    /// Serves until a drain ends (SIGTERM/SIGINT start one) or the handle stops it.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let drain = self.drain.clone();
+        actix_web::rt::spawn(async move {
+            wait_for_signal().await;
+            drain.start();
+        });
+        self.serve().await
+    }
+
+    /// Serves until a drain ends or the handle stops it, without taking over the process's
+    /// signals (tests: a test binary must still die on Ctrl-C).
+    pub async fn serve(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C).
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use actix_web::rt::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            log::warn!("cannot listen for SIGTERM/SIGINT: no drain on signals");
+            return std::future::pending().await;
+        };
+        first_of(term.recv(), int.recv()).await;
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = actix_web::rt::signal::ctrl_c().await;
+    }
+}
+
+/// Waits for whichever of two futures finishes first.
+async fn first_of<A: std::future::Future, B: std::future::Future>(a: A, b: B) {
+    let mut a = std::pin::pin!(a);
+    let mut b = std::pin::pin!(b);
+    std::future::poll_fn(|cx| {
+        if a.as_mut().poll(cx).is_ready() || b.as_mut().poll(cx).is_ready() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }

@@ -5,6 +5,7 @@
 //! | `POST /voice` | Twilio voice webhook → TwiML `<Connect><Stream>` |
 //! | `GET /media-stream` | Twilio Media Streams websocket (one call per connection) |
 //! | `GET /health` | liveness, upstream in use, live call count, ended calls by reason |
+//! | `GET /ready` | 200 while new calls are taken, 503 while draining |
 //! | `GET /calls` | every live call |
 //! | `GET /calls/{call_sid}` | one live call with its transcript |
 
@@ -71,6 +72,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/voice", web::post().to(voice))
         .route(MEDIA_STREAM_PATH, web::get().to(media_stream))
         .route("/health", web::get().to(health))
+        .route("/ready", web::get().to(ready))
         .route("/calls", web::get().to(list_calls))
         .route("/calls/{call_sid}", web::get().to(get_call));
 }
@@ -106,9 +108,15 @@ async fn voice(
     let call_sid = param("CallSid");
     let fallback = &state.settings.fallback;
     let max_calls = state.settings.server.max_calls;
-    if max_calls > 0 && state.engine.live_calls() >= max_calls {
+    let full = max_calls > 0 && state.engine.live_calls() >= max_calls;
+    if full || state.engine.is_draining() {
         log::warn!(
-            "[{call_sid}] incoming call refused: {max_calls} calls live (server.max_calls); answering with the fallback"
+            "[{call_sid}] incoming call refused ({}): answering with the fallback",
+            if full {
+                "server.max_calls calls live"
+            } else {
+                "draining for shutdown"
+            }
         );
         return Ok(HttpResponse::Ok()
             .content_type("text/xml; charset=utf-8")
@@ -143,6 +151,11 @@ async fn media_stream(
         log::warn!("media stream refused: {max_calls} calls live (server.max_calls)");
         return Ok(HttpResponse::ServiceUnavailable()
             .json(json!({"error": "too many live calls (server.max_calls)"})));
+    }
+    if state.engine.is_draining() {
+        return Ok(
+            HttpResponse::ServiceUnavailable().json(json!({"error": "draining for shutdown"}))
+        );
     }
     state.engine.accept_media_stream(&req, payload)
 }
@@ -182,6 +195,15 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         ));
     }
     HttpResponse::Ok().json(body)
+}
+
+/// For load balancers: 200 while new calls are taken, 503 from the first moment of a drain.
+async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    if state.engine.is_draining() {
+        HttpResponse::ServiceUnavailable().json(json!({"ready": false, "draining": true}))
+    } else {
+        HttpResponse::Ok().json(json!({"ready": true}))
+    }
 }
 
 async fn list_calls(

@@ -40,8 +40,10 @@ pub struct ServerSettings {
     pub public_url: String,
     /// HTTP worker threads; 0 = one per CPU core.
     pub workers: usize,
-    /// Seconds live calls get to finish on shutdown before their sockets are closed.
-    pub shutdown_timeout_s: u64,
+    /// On SIGTERM/SIGINT, seconds live calls get to finish before their sockets are closed (the
+    /// old name `shutdown_timeout_s` is still read).
+    #[serde(alias = "shutdown_timeout_s")]
+    pub drain_timeout_s: u64,
     /// Live calls at most (0: no limit). Past it, `/voice` answers the fallback alone and new
     /// media streams are refused with 503.
     pub max_calls: usize,
@@ -54,7 +56,7 @@ impl Default for ServerSettings {
             port: 8080,
             public_url: String::new(),
             workers: 0,
-            shutdown_timeout_s: 30,
+            drain_timeout_s: 30,
             max_calls: 0,
         }
     }

@@ -206,3 +206,64 @@ async fn calls_past_max_calls_get_the_fallback_and_streams_are_refused() {
     assert!(taken, "calls are taken again once the first ended");
     first.assert_no_violations();
 }
+
+/// A drain (SIGTERM): `/ready` answers 503 at once, new calls get the fallback and new streams
+/// 503, the live call goes on (its audio still flows), and the server stops when it ends.
+#[actix_web::test]
+async fn a_drain_takes_no_new_calls_lets_live_ones_finish_then_stops() {
+    let mut settings = test_settings();
+    settings.server.drain_timeout_s = 30;
+    let app = spawn_app(settings).await;
+    assert_eq!(app.get_json("/ready").await.0, 200);
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    caller.start_call("MZ_drain", "CA_drain", &[]).await;
+    app.wait_call_count(1).await;
+
+    app.start_drain();
+    let (status, body) = app.get_json("/ready").await;
+    assert_eq!(status, 503, "{body}");
+    let (_, _, twiml) = post_voice(&app.http("/voice"), FORM, None).await;
+    assert!(!twiml.contains("<Connect>"), "{twiml}");
+    assert_eq!(
+        FakeTwilio::connect_expect_status(&app.ws_url(), &[]).await,
+        503
+    );
+    // The live call goes on: the echo still answers.
+    caller.send_media(&[0x42; 160]).await;
+    assert_eq!(caller.recv_audio_bytes(160).await, vec![0x42; 160]);
+    assert!(!app.has_stopped());
+
+    caller.hang_up().await;
+    for _ in 0..300 {
+        if app.has_stopped() {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        app.has_stopped(),
+        "the server stops once the last call ended"
+    );
+    caller.assert_no_violations();
+}
+
+/// A drain whose live call does not end in `server.drain_timeout_s`: the call's socket is
+/// closed (Twilio then plays the fallback) and the server stops.
+#[actix_web::test]
+async fn a_drain_closes_calls_still_live_at_its_timeout() {
+    let mut settings = test_settings();
+    settings.server.drain_timeout_s = 1;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    caller.start_call("MZ_drain2", "CA_drain2", &[]).await;
+    app.wait_call_count(1).await;
+    app.start_drain();
+    assert!(caller.wait_closed().await, "closed at the drain timeout");
+    for _ in 0..300 {
+        if app.has_stopped() {
+            break;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(app.has_stopped());
+}

@@ -1,7 +1,7 @@
 //! `Engine`: what every call needs from the process (the registry, the settings, the upstream
 //! choice and its key), and the entry point the HTTP shell calls for each media stream.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,8 @@ struct Inner {
     next_instance: AtomicU64,
     /// Media streams open now (a call's actor from start to stop), for `server.max_calls`.
     live: AtomicUsize,
+    /// The process is draining (SIGTERM): no new calls.
+    draining: AtomicBool,
 }
 
 impl Engine {
@@ -64,6 +66,7 @@ impl Engine {
                 api_key,
                 next_instance: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
+                draining: AtomicBool::new(false),
             }),
         })
     }
@@ -79,6 +82,15 @@ impl Engine {
             .breaker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// From now on, take no new calls (a deploy is stopping this process).
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
     }
 
     /// Media streams open now.

@@ -17,6 +17,8 @@ pub const TEST_OPENAI_KEY: &str = "sk-test-callbridge-e2e-0123456789";
 pub struct TestApp {
     pub port: u16,
     handle: ServerHandle,
+    drain: callbridge::Drain,
+    served: std::rc::Rc<std::cell::Cell<bool>>,
 }
 
 /// Settings for a test: port 0, one worker, fast restarts, echo upstream.
@@ -24,7 +26,7 @@ pub fn test_settings() -> Settings {
     let mut s = Settings::default();
     s.server.port = 0;
     s.server.workers = 1;
-    s.server.shutdown_timeout_s = 1;
+    s.server.drain_timeout_s = 1;
     s.upstream = UpstreamMode::Echo;
     s.openai.restart_backoff_ms = 20;
     s.openai.restart_backoff_max_ms = 100;
@@ -53,8 +55,19 @@ pub async fn spawn_app(settings: Settings) -> TestApp {
         .expect("the service starts");
     let port = app.port();
     let handle = app.handle();
-    actix_web::rt::spawn(app.run_until_stopped());
-    TestApp { port, handle }
+    let drain = app.drain();
+    let served = std::rc::Rc::new(std::cell::Cell::new(false));
+    let done = served.clone();
+    actix_web::rt::spawn(async move {
+        let _ = app.serve().await;
+        done.set(true);
+    });
+    TestApp {
+        port,
+        handle,
+        drain,
+        served,
+    }
 }
 
 fn env_logger_init() -> Result<(), ()> {
@@ -130,6 +143,16 @@ impl TestApp {
             }
             actix_web::rt::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Starts a drain, as SIGTERM does.
+    pub fn start_drain(&self) {
+        self.drain.start();
+    }
+
+    /// Whether the server has stopped (after a drain or a stop).
+    pub fn has_stopped(&self) -> bool {
+        self.served.get()
     }
 
     pub async fn stop(self) {
