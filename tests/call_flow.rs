@@ -607,3 +607,54 @@ async fn health_reports_upstream_and_live_calls() {
     assert_eq!(health2["upstream"], "openai");
     assert!(health2.get("warning").is_none());
 }
+
+/// After a barge-in the assistant's transcript line says it was interrupted and how much was
+/// heard, and the context replayed into a new session after a restart says so too, instead of
+/// presenting the whole reply as spoken.
+#[actix_web::test]
+async fn an_interrupted_reply_is_recorded_and_replayed_as_interrupted() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    caller.set_mark_mode(MarkMode::Manual);
+    let mut first = fake.next_session().await;
+    caller.start_call("MZ_tt", "CA_tt", &[]).await;
+    first.recv_event("session.update").await;
+
+    first.start_response("resp_1", "item_1");
+    for chunk in reply_chunks(5, 800) {
+        first.audio_delta_bytes("resp_1", "item_1", &chunk);
+    }
+    first.finish_response("resp_1", "item_1", "Your balance is forty two dollars.");
+    caller.wait_marks(5).await;
+    caller.play(150).await; // 100 ms confirmed by the first mark
+    app.wait_call("CA_tt", "one mark echoed", |c| c["marks_pending"] == 4)
+        .await;
+    first.speech_started("item_user_1", 900);
+    let truncate = first.recv_event("conversation.item.truncate").await;
+    assert_eq!(truncate["audio_end_ms"], 100);
+    let call = app
+        .wait_call("CA_tt", "the line marked interrupted", |c| {
+            c["transcript"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|e| e["interrupted"] == true))
+        })
+        .await;
+    let line = &call["transcript"][0];
+    assert_eq!(line["role"], "assistant");
+    assert_eq!(line["heard_ms"], 100);
+
+    first.drop_connection();
+    let mut second = fake.next_session().await;
+    second.recv_event("session.update").await;
+    let replay = second.recv_event("conversation.item.create").await;
+    assert_eq!(replay["item"]["role"], "assistant");
+    let text = replay["item"]["content"][0]["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("Your balance is forty two dollars."),
+        "{text}"
+    );
+    assert!(text.contains("interrupted"), "{text}");
+    caller.assert_no_violations();
+    fake.assert_no_violations();
+}

@@ -47,6 +47,9 @@ const STABLE_LEG: Duration = Duration::from_secs(30);
 /// right after `speech_started` when `interrupt_response` is on) before we send `response.cancel`.
 const CANCEL_GRACE_MS: u64 = 250;
 
+/// Items cut by a barge-in remembered for their transcript line.
+const CUT_ITEMS_KEPT: usize = 8;
+
 /// The transcript entries replayed into a new session after a restart (the most recent ones).
 const REPLAY_ENTRIES: usize = 50;
 
@@ -150,6 +153,9 @@ pub struct CallActor {
     started_at: OffsetDateTime,
     started: Instant,
     transcript: VecDeque<TranscriptEntry>,
+    /// The last items a barge-in cut, with what was heard of each (their transcript may come
+    /// after the cut).
+    cut_items: VecDeque<(String, u64)>,
     /// Transcript entries the last ready session had seen; a restart replays these. Digits pressed
     /// during the outage reach the new session through the turns' held text instead.
     replay_upto: usize,
@@ -212,6 +218,7 @@ impl CallActor {
             started_at: OffsetDateTime::now_utc(),
             started: Instant::now(),
             transcript: VecDeque::new(),
+            cut_items: VecDeque::new(),
             replay_upto: 0,
             registered: false,
             ending: false,
@@ -262,10 +269,13 @@ impl CallActor {
             Action::Truncate {
                 item_id,
                 audio_end_ms,
-            } => self.control(UpstreamCommand::Truncate {
-                item_id,
-                audio_end_ms,
-            }),
+            } => {
+                self.mark_cut(&item_id, audio_end_ms);
+                self.control(UpstreamCommand::Truncate {
+                    item_id,
+                    audio_end_ms,
+                })
+            }
             Action::ScheduleDtmfQuiet {
                 generation,
                 delay_ms,
@@ -421,7 +431,14 @@ impl CallActor {
         let skip = known.saturating_sub(REPLAY_ENTRIES);
         for entry in self.transcript.iter().take(known).skip(skip) {
             let command = match entry.role {
-                Role::Assistant => UpstreamCommand::AssistantText(entry.text.clone()),
+                Role::Assistant => UpstreamCommand::AssistantText(match entry.heard_ms {
+                // Only what the caller heard was said: the new session must not believe more.
+                Some(ms) => format!(
+                    "{} [interrupted by the caller after about {} ms of audio: the rest was not heard]",
+                    entry.text, ms
+                ),
+                None => entry.text.clone(),
+            }),
                 Role::Caller => UpstreamCommand::UserText(entry.text.clone()),
                 Role::Dtmf => UpstreamCommand::UserText(format!(
                     "The caller pressed the key {} on the phone keypad.",
@@ -432,17 +449,45 @@ impl CallActor {
         }
     }
 
-    fn record(&mut self, role: Role, text: String) {
+    fn record(&mut self, role: Role, text: String, item_id: Option<String>) {
         let max = self.engine.call_config().transcript_max_entries;
         while self.transcript.len() >= max {
             self.transcript.pop_front();
             self.replay_upto = self.replay_upto.saturating_sub(1);
         }
+        // A barge-in may have cut this item before its transcript arrived.
+        let heard_ms = item_id.as_ref().and_then(|id| {
+            self.cut_items
+                .iter()
+                .find(|(cut, _)| cut == id)
+                .map(|(_, ms)| *ms)
+        });
         self.transcript.push_back(TranscriptEntry {
             role,
             text,
             at: now_rfc3339(),
+            item_id,
+            interrupted: heard_ms.is_some(),
+            heard_ms,
         });
+    }
+
+    /// A barge-in cut `item_id` after `heard_ms`: its transcript line (now or when it comes)
+    /// says so.
+    fn mark_cut(&mut self, item_id: &str, heard_ms: u64) {
+        if let Some(entry) = self
+            .transcript
+            .iter_mut()
+            .rev()
+            .find(|e| e.item_id.as_deref() == Some(item_id))
+        {
+            entry.interrupted = true;
+            entry.heard_ms = Some(heard_ms);
+        }
+        if self.cut_items.len() >= CUT_ITEMS_KEPT {
+            self.cut_items.pop_front();
+        }
+        self.cut_items.push_back((item_id.to_string(), heard_ms));
     }
 
     fn end_call(&mut self, reason: StopReason, ctx: &mut Context<Self>) {
@@ -644,7 +689,7 @@ impl Handler<Dtmf> for CallActor {
 
     fn handle(&mut self, msg: Dtmf, ctx: &mut Context<Self>) {
         log::info!("{} dtmf: {}", self.label, msg.digit);
-        self.record(Role::Dtmf, msg.digit.clone());
+        self.record(Role::Dtmf, msg.digit.clone(), None);
         self.apply(Event::Dtmf { digit: msg.digit }, ctx);
     }
 }
@@ -657,7 +702,7 @@ impl Handler<Transcript> for CallActor {
         if self.engine.call_config().log_transcripts {
             log::info!("{} {}: {}", self.label, msg.role.as_str(), msg.text);
         }
-        self.record(msg.role, msg.text);
+        self.record(msg.role, msg.text, msg.item_id);
     }
 }
 

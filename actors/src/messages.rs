@@ -71,6 +71,8 @@ impl Role {
 pub struct Transcript {
     pub role: Role,
     pub text: String,
+    /// For the assistant: the item it belongs to (a barge-in says how much of it was heard).
+    pub item_id: Option<String>,
 }
 
 /// Why a call or a leg stops.

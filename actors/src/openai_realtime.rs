@@ -348,16 +348,19 @@ impl OpenAiRealtimeActor {
                 response_id,
                 status,
             }),
-            ServerEvent::AssistantTranscript { transcript } if !transcript.trim().is_empty() => {
-                self.call.transcripts.do_send(Transcript {
-                    role: crate::messages::Role::Assistant,
-                    text: transcript,
-                })
-            }
+            ServerEvent::AssistantTranscript {
+                transcript,
+                item_id,
+            } if !transcript.trim().is_empty() => self.call.transcripts.do_send(Transcript {
+                role: crate::messages::Role::Assistant,
+                text: transcript,
+                item_id,
+            }),
             ServerEvent::CallerTranscript { transcript } if !transcript.trim().is_empty() => {
                 self.call.transcripts.do_send(Transcript {
                     role: crate::messages::Role::Caller,
                     text: transcript,
+                    item_id: None,
                 })
             }
             ServerEvent::AssistantTranscript { .. } | ServerEvent::CallerTranscript { .. } => {}

@@ -37,6 +37,15 @@ pub struct TranscriptEntry {
     pub text: String,
     /// RFC 3339.
     pub at: String,
+    /// The assistant item (internal: a barge-in finds its entry by it).
+    #[serde(skip)]
+    pub item_id: Option<String>,
+    /// The caller spoke over this assistant line: it was cut short.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
+    /// Of an interrupted line, how much the caller heard (marks confirmed), ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heard_ms: Option<u64>,
 }
 
 /// A live call as `/calls` shows it.

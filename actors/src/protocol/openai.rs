@@ -151,6 +151,8 @@ pub enum ServerEvent<'a> {
     /// Everything the assistant said in one item.
     AssistantTranscript {
         transcript: String,
+        /// The assistant item it belongs to (a barge-in truncates by item).
+        item_id: Option<String>,
     },
     /// What the caller said in one turn.
     CallerTranscript {
@@ -250,6 +252,7 @@ pub fn parse_server_event(text: &str) -> Result<ServerEvent<'_>, OpenAiParseErro
         }
         "response.output_audio_transcript.done" => ServerEvent::AssistantTranscript {
             transcript: raw.transcript.unwrap_or_default(),
+            item_id: raw.item_id.map(|s| s.0.into_owned()),
         },
         "conversation.item.input_audio_transcription.completed" => ServerEvent::CallerTranscript {
             transcript: raw.transcript.unwrap_or_default(),
@@ -405,7 +408,10 @@ mod tests {
         );
         assert_eq!(
             parse_server_event(r#"{"type":"response.output_audio_transcript.done","response_id":"r","item_id":"i","output_index":0,"content_index":0,"transcript":"Hello!"}"#).unwrap(),
-            ServerEvent::AssistantTranscript { transcript: "Hello!".into() }
+            ServerEvent::AssistantTranscript {
+                transcript: "Hello!".into(),
+                item_id: Some("i".into())
+            }
         );
         assert_eq!(
             parse_server_event(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1000,"item_id":"i"}"#).unwrap(),
