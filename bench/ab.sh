@@ -29,7 +29,7 @@ trap cleanup EXIT
 $SIM fake-openai --port 19191 > $OUT/fake.log 2>&1 &
 FAKE=$!; PIDS+=($FAKE)
 start() { # bin settings port log
-  OPENAI_API_KEY=sk-bench-dummy CALLBRIDGE__UPSTREAM=openai \
+  OPENAI_API_KEY=sk-bench-dummy CALLBRIDGE__UPSTREAM=openai CALLBRIDGE__TWILIO__VALIDATE_SIGNATURES=false \
   CALLBRIDGE__OPENAI__URL="ws://127.0.0.1:19191/v1/realtime" CALLBRIDGE__SERVER__PORT=$3 \
   CALLBRIDGE__LOG__LEVEL=info "$1" --config "$2" > "$4" 2>&1 &
 }

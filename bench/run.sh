@@ -46,7 +46,7 @@ PIDS+=("$FAKE_PID")
 # callbridge as an operator would run it, with the OpenAI leg pointed at the fake. The key is
 # a dummy: the fake accepts any bearer key. Logs at info, as an operator would run it.
 OPENAI_API_KEY=sk-bench-dummy \
-CALLBRIDGE__UPSTREAM=openai \
+CALLBRIDGE__UPSTREAM=openai CALLBRIDGE__TWILIO__VALIDATE_SIGNATURES=false \
 CALLBRIDGE__OPENAI__URL="ws://127.0.0.1:$FAKE_PORT/v1/realtime" \
 CALLBRIDGE__SERVER__PORT="$CB_PORT" \
 CALLBRIDGE__LOG__LEVEL=info \

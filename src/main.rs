@@ -37,11 +37,15 @@ fn main() -> anyhow::Result<()> {
     actix_web::rt::System::new().block_on(async move {
         let host = settings.server.host.clone();
         let echo_note = echo_warning(&settings);
+        let unchecked = settings.unchecked_warning();
         let app = Application::build(settings)
             .await
             .context("callbridge cannot start")?;
         if app.upstream() == UpstreamKind::Echo {
             log::warn!("{echo_note}");
+        }
+        if let Some(warning) = unchecked {
+            log::warn!("{warning}");
         }
         log::info!(
             "callbridge ready on http://{host}:{} (upstream {}) in {} ms",

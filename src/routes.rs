@@ -189,6 +189,9 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     if upstream == UpstreamKind::Echo {
         body["warning"] = json!(echo_warning(&state.settings));
     }
+    if let Some(warning) = state.settings.unchecked_warning() {
+        body["security_warning"] = json!(warning);
+    }
     if let Some(reason) = degraded {
         body["reason"] = json!(format!(
             "OpenAI is not tried for new calls (they get the fallback): repeated permanent failures, the last: {reason}"
@@ -285,7 +288,7 @@ fn check_signature(
     let Some(token) = &state.settings.secrets.twilio_auth_token else {
         return Ok(());
     };
-    if !state.settings.twilio.validate_signatures {
+    if state.settings.twilio.validate_signatures == Some(false) {
         return Ok(());
     }
     let header = req

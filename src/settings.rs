@@ -88,14 +88,16 @@ impl UpstreamMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TwilioSettings {
-    /// Check `X-Twilio-Signature` on `/voice` and `/media-stream` when `TWILIO_AUTH_TOKEN` is set.
-    pub validate_signatures: bool,
+    /// Check `X-Twilio-Signature` on `/voice` and `/media-stream` when `TWILIO_AUTH_TOKEN` is set
+    /// (unset: yes). In OpenAI mode without a token, start-up refuses unless this is set to
+    /// `false` explicitly.
+    pub validate_signatures: Option<bool>,
 }
 
 impl Default for TwilioSettings {
     fn default() -> Self {
         Self {
-            validate_signatures: true,
+            validate_signatures: None,
         }
     }
 }
@@ -263,7 +265,34 @@ impl Settings {
         }
         self.openai.validate()?;
         self.call.validate()?;
-        self.resolve_upstream().map(|_| ())
+        let upstream = self.resolve_upstream()?;
+        if upstream == UpstreamKind::OpenAi
+            && self.secrets.twilio_auth_token.is_none()
+            && self.twilio.validate_signatures != Some(false)
+        {
+            return Err(ConfigError::new(
+                "twilio.validate_signatures",
+                "is on but TWILIO_AUTH_TOKEN is not set: with OpenAI, anyone who finds the URL \
+                 could open media streams and spend the OpenAI account's money. Set \
+                 TWILIO_AUTH_TOKEN, or set twilio.validate_signatures = false explicitly \
+                 (CALLBRIDGE__TWILIO__VALIDATE_SIGNATURES=false) to run without checks",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether Twilio signatures are checked (a token is set and checks are not turned off).
+    pub fn checks_signatures(&self) -> bool {
+        self.secrets.twilio_auth_token.is_some() && self.twilio.validate_signatures != Some(false)
+    }
+
+    /// The warning to repeat while OpenAI calls are taken without signature checks.
+    pub fn unchecked_warning(&self) -> Option<&'static str> {
+        (self.resolve_upstream().ok() == Some(UpstreamKind::OpenAi) && !self.checks_signatures())
+            .then_some(
+                "Twilio signatures are not checked (twilio.validate_signatures = false or no \
+                 TWILIO_AUTH_TOKEN): anyone who can reach /media-stream can open OpenAI sessions",
+            )
     }
 
     /// What `upstream` means given the key: `auto` falls back to echo without one.
@@ -312,6 +341,26 @@ mod tests {
         let err = s.resolve_upstream().unwrap_err();
         assert_eq!(err.key, "upstream");
         assert!(err.to_string().contains("OPENAI_API_KEY"));
+    }
+
+    #[test]
+    fn openai_mode_without_a_twilio_token_refuses_to_start_unless_checks_are_off_explicitly() {
+        let mut s = Settings::default();
+        s.secrets.openai_api_key = Some(SecretString::from("sk-test"));
+        let err = s.validate().unwrap_err();
+        assert_eq!(err.key, "twilio.validate_signatures");
+        assert!(err.to_string().contains("TWILIO_AUTH_TOKEN"), "{err}");
+        s.twilio.validate_signatures = Some(true);
+        assert!(s.validate().is_err());
+        s.twilio.validate_signatures = Some(false);
+        s.validate().unwrap();
+        assert!(s.unchecked_warning().is_some());
+        s.twilio.validate_signatures = None;
+        s.secrets.twilio_auth_token = Some(SecretString::from("tok"));
+        s.validate().unwrap();
+        assert!(s.unchecked_warning().is_none());
+        // Echo mode needs no token.
+        assert!(Settings::default().validate().is_ok());
     }
 
     #[test]
