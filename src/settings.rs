@@ -85,21 +85,13 @@ impl UpstreamMode {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TwilioSettings {
     /// Check `X-Twilio-Signature` on `/voice` and `/media-stream` when `TWILIO_AUTH_TOKEN` is set
     /// (unset: yes). In OpenAI mode without a token, start-up refuses unless this is set to
     /// `false` explicitly.
     pub validate_signatures: Option<bool>,
-}
-
-impl Default for TwilioSettings {
-    fn default() -> Self {
-        Self {
-            validate_signatures: None,
-        }
-    }
 }
 
 /// What the caller hears when the assistant cannot go on: TwiML after `</Connect>`, which
