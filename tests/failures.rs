@@ -384,3 +384,35 @@ async fn the_breaker_opens_after_repeated_permanent_failures_and_a_probe_closes_
     assert_eq!(health["status"], "healthy");
     caller.assert_no_violations();
 }
+
+/// Handshake statuses are classified: 401 and 403 are permanent (one attempt, then the stream
+/// is closed for the fallback); 429 and 500 are retried within `openai.max_restarts`.
+#[actix_web::test]
+async fn handshake_statuses_are_classified() {
+    for (status, permanent) in [(401, true), (403, true), (429, false), (500, false)] {
+        let fake = FakeOpenAi::start().await;
+        fake.set_refuse_status(Some(status));
+        let mut settings = openai_settings(&fake);
+        settings.openai.max_restarts = 2;
+        let app = spawn_app(settings).await;
+        let caller = FakeTwilio::connect(&app.ws_url()).await;
+        caller
+            .start_call(&format!("MZ_h{status}"), &format!("CA_h{status}"), &[])
+            .await;
+        assert!(caller.wait_closed().await, "HTTP {status}: stream closed");
+        let reason = if permanent {
+            "upstream_refused"
+        } else {
+            "upstream_failed"
+        };
+        for _ in 0..200 {
+            if ended(&app, reason).await == 1 {
+                break;
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ended(&app, reason).await, 1, "HTTP {status}");
+        let attempts = if permanent { 1 } else { 3 };
+        assert_eq!(fake.connection_count(), attempts, "HTTP {status}");
+    }
+}

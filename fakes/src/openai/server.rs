@@ -60,6 +60,9 @@ fn ws_config() -> WebSocketConfig {
 struct Controls {
     /// New upgrades get HTTP 503 (to exhaust the service's restart budget).
     refuse: bool,
+    /// New upgrades get this HTTP status instead (401, 403, 429, 500…), with the API's error
+    /// body for it.
+    refuse_status: Option<u16>,
     /// New upgrades are accepted and closed at once with 1011.
     close_after_accept: bool,
 }
@@ -184,6 +187,12 @@ impl FakeOpenAi {
     /// While set, new upgrades are answered with HTTP 503 (existing sessions are untouched).
     pub fn set_refuse_connections(&self, refuse: bool) {
         lock(&self.shared.controls).refuse = refuse;
+    }
+
+    /// While set, new upgrades are answered with this HTTP status (401, 403, 429, 500…) and
+    /// the error body the API sends with it; `None` accepts them again.
+    pub fn set_refuse_status(&self, status: Option<u16>) {
+        lock(&self.shared.controls).refuse_status = status;
     }
 
     /// While set, new upgrades are accepted and closed at once with code 1011 (no
@@ -362,6 +371,16 @@ fn check_upgrade(req: &Request, shared: &Shared) -> Result<Handshake, ErrorRespo
         shared.record(&handshake);
         Err(http_error(status, message, code))
     };
+    let refuse_status = lock(&shared.controls).refuse_status;
+    if let Some(status) = refuse_status.and_then(|s| StatusCode::from_u16(s).ok()) {
+        let (message, code) = match status.as_u16() {
+            401 => ("Incorrect API key provided.", Some("invalid_api_key")),
+            403 => ("You are not allowed to use this model.", None),
+            429 => ("Rate limit reached.", Some("rate_limit_exceeded")),
+            _ => ("The server had an error (fake).", None),
+        };
+        return refuse(handshake, status, message, code);
+    }
     if lock(&shared.controls).refuse {
         return refuse(
             handshake,
