@@ -282,11 +282,6 @@ async fn session_expiry_opens_a_new_session() {
     fake.assert_no_violations();
 }
 
-async fn ended(app: &support::TestApp, reason: &str) -> u64 {
-    let (_, health) = app.get_json("/health").await;
-    health["calls_ended"][reason].as_u64().unwrap_or(0)
-}
-
 /// A revoked key (`invalid_api_key`) is a permanent failure: no restart, the media stream is
 /// closed at once (Twilio then plays the fallback TwiML), and the end reason says so.
 #[actix_web::test]
@@ -303,13 +298,9 @@ async fn a_revoked_key_is_not_retried_and_the_stream_is_closed_for_the_fallback(
         caller.wait_closed().await,
         "the stream is closed for the fallback"
     );
-    for _ in 0..100 {
-        if ended(&app, "upstream_refused").await == 1 {
-            break;
-        }
-        sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(ended(&app, "upstream_refused").await, 1);
+    app.wait_ended("upstream_refused", Duration::from_secs(2))
+        .await;
+    assert_eq!(app.ended("upstream_refused").await, 1);
     // Well past the restart backoff of the test settings: still one connection.
     sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -358,7 +349,7 @@ async fn the_breaker_opens_after_repeated_permanent_failures_and_a_probe_closes_
     let caller = FakeTwilio::connect(&app.ws_url()).await;
     assert!(caller.wait_closed().await, "closed for the fallback");
     assert_eq!(fake.connection_count(), 2, "OpenAI not tried while open");
-    assert_eq!(ended(&app, "breaker_open").await, 1);
+    assert_eq!(app.ended("breaker_open").await, 1);
 
     // After the cooldown, one call probes; its session works, and the breaker closes.
     sleep(Duration::from_millis(1_100)).await;
@@ -405,13 +396,8 @@ async fn handshake_statuses_are_classified() {
         } else {
             "upstream_failed"
         };
-        for _ in 0..200 {
-            if ended(&app, reason).await == 1 {
-                break;
-            }
-            sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(ended(&app, reason).await, 1, "HTTP {status}");
+        app.wait_ended(reason, Duration::from_secs(2)).await;
+        assert_eq!(app.ended(reason).await, 1, "HTTP {status}");
         let attempts = if permanent { 1 } else { 3 };
         assert_eq!(fake.connection_count(), attempts, "HTTP {status}");
     }

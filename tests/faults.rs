@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use actix_web::rt::time::sleep;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::json;
-use support::{openai_settings, spawn_app, FakeOpenAi, FakeTwilio, TestApp};
+use support::{openai_settings, spawn_app, FakeOpenAi, FakeTwilio};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Resident memory of this process (the service runs in it), KiB.
@@ -19,23 +19,6 @@ fn rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
-}
-
-async fn calls_ended(app: &TestApp, reason: &str) -> u64 {
-    let (_, health) = app.get_json("/health").await;
-    health["calls_ended"][reason].as_u64().unwrap_or(0)
-}
-
-async fn wait_ended(app: &TestApp, reason: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while calls_ended(app, reason).await == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "no call ended with {reason} within {timeout:?}: {:?}",
-            app.get_json("/health").await.1
-        );
-        sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A media stream that connects but never sends `start` is closed after
@@ -51,7 +34,7 @@ async fn a_stream_that_never_starts_is_closed_with_its_openai_session() {
     let session = fake.next_session().await;
     assert!(session.wait_closed().await, "the OpenAI session is closed");
     assert!(caller.wait_closed().await, "the media stream is closed");
-    wait_ended(&app, "no_start", Duration::from_secs(2)).await;
+    app.wait_ended("no_start", Duration::from_secs(2)).await;
     fake.assert_no_violations();
 }
 
@@ -131,7 +114,8 @@ async fn a_twilio_reader_that_stops_reading_ends_the_call_with_bounded_memory() 
         rss_peak.saturating_sub(rss_before),
         sent / 1_000_000
     );
-    wait_ended(&app, "twilio_stalled", Duration::from_secs(10)).await;
+    app.wait_ended("twilio_stalled", Duration::from_secs(10))
+        .await;
     assert!(
         session.wait_closed().await,
         "the stalled call's OpenAI leg is closed"

@@ -147,6 +147,25 @@ impl TestApp {
         }
     }
 
+    /// How many calls ended with `reason` so far (`/health`'s `calls_ended`).
+    pub async fn ended(&self, reason: &str) -> u64 {
+        let (_, health) = self.get_json("/health").await;
+        health["calls_ended"][reason].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until a call ended with `reason`; panics after `timeout`.
+    pub async fn wait_ended(&self, reason: &str, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.ended(reason).await == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no call ended with {reason} within {timeout:?}: {:?}",
+                self.get_json("/health").await.1
+            );
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Starts a drain, as SIGTERM does.
     pub fn start_drain(&self) {
         self.drain.start();
