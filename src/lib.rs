@@ -90,6 +90,11 @@ impl Application {
             settings.call.clone(),
             upstream,
             settings.secrets.openai_api_key.clone(),
+            // The stream token is part of signature validation: on exactly when it is.
+            settings
+                .checks_signatures()
+                .then(|| settings.secrets.twilio_auth_token.clone())
+                .flatten(),
         )?;
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
             .with_context(|| {

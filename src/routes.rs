@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use callbridge_actors::protocol::{signature, twiml};
+use callbridge_actors::protocol::{signature, twilio, twiml};
 use callbridge_actors::{CallCount, EndedCalls, Engine, GetCall, ListCalls, UpstreamKind};
 use secrecy::ExposeSecret;
 use serde_json::json;
@@ -48,6 +48,9 @@ pub enum ApiError {
     /// No live call with that SID.
     #[error("no live call {0}")]
     CallNotFound(String),
+    /// A request whose content is not what Twilio sends.
+    #[error("{0}")]
+    BadRequest(&'static str),
     /// The registry did not answer.
     #[error("call registry unavailable")]
     RegistryUnavailable,
@@ -59,6 +62,7 @@ impl ResponseError for ApiError {
             ApiError::BadSignature => StatusCode::FORBIDDEN,
             ApiError::Unauthorized | ApiError::LoopbackOnly => StatusCode::UNAUTHORIZED,
             ApiError::CallNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::RegistryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -106,6 +110,11 @@ async fn voice(
             .unwrap_or("")
     };
     let call_sid = param("CallSid");
+    if !twilio::is_safe_sid(call_sid) {
+        // Twilio always sends one; without it there is no call to connect (or to log).
+        log::warn!("/voice without a CallSid of Twilio's format: answering 400");
+        return Err(ApiError::BadRequest("CallSid missing or not a Twilio SID"));
+    }
     let fallback = &state.settings.fallback;
     let max_calls = state.settings.server.max_calls;
     let full = max_calls > 0 && state.engine.live_calls() >= max_calls;
@@ -123,13 +132,18 @@ async fn voice(
             .body(twiml::fallback_only(&fallback.say, &fallback.dial)));
     }
     log::info!("[{call_sid}] incoming call: answering with <Connect><Stream>");
+    let token = state.engine.stream_token(call_sid);
+    let mut params = vec![
+        ("From", param("From")),
+        ("To", param("To")),
+        ("CallSid", call_sid),
+    ];
+    if let Some(token) = &token {
+        params.push((signature::STREAM_TOKEN_PARAM, token));
+    }
     let body = twiml::connect_stream_then(
         &stream_url(&req, &state),
-        &[
-            ("From", param("From")),
-            ("To", param("To")),
-            ("CallSid", call_sid),
-        ],
+        &params,
         &fallback.say,
         &fallback.dial,
     );

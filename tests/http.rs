@@ -5,7 +5,9 @@ mod support;
 use std::time::Duration;
 
 use secrecy::SecretString;
-use support::{compute_signature, spawn_app, test_settings, FakeTwilio};
+use support::{
+    compute_signature, openai_settings, spawn_app, test_settings, FakeOpenAi, FakeTwilio, Signing,
+};
 
 async fn post_voice(
     url: &str,
@@ -104,10 +106,19 @@ async fn twilio_signatures_are_checked_when_a_token_is_set() {
         FakeTwilio::connect_expect_status(&app.ws_url(), &[]).await,
         403
     );
+    let twiml = app
+        .answer_call(
+            "CA1",
+            &Signing {
+                auth_token: Some(token.into()),
+                signed_url: Some("https://bridge.example.com/voice".into()),
+            },
+        )
+        .await;
     let ws_sig = compute_signature(token, "wss://bridge.example.com/media-stream", &[]);
     let caller =
         FakeTwilio::connect_with_headers(&app.ws_url(), &[("X-Twilio-Signature", &ws_sig)]).await;
-    caller.start_call("MZ1", "CA1", &[]).await;
+    caller.start_from(&twiml, "MZ1", "CA1").await;
     caller.send_media(&[0x10; 160]).await;
     assert_eq!(caller.recv_audio_bytes(160).await, vec![0x10; 160]);
     caller.assert_no_violations();
@@ -266,4 +277,113 @@ async fn a_drain_closes_calls_still_live_at_its_timeout() {
         actix_web::rt::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(app.has_stopped());
+}
+
+/// With signatures checked, `/voice` gives each call a stream token (a `<Parameter>`), and a
+/// stream whose `start` does not carry its own call's token is closed (1008) before any caller
+/// audio reaches OpenAI: a replayed upgrade signature (the signed string is the constant URL)
+/// with no token, with another call's token, or with a token for a made-up call, gets nothing.
+#[actix_web::test]
+async fn a_stream_must_carry_the_token_issued_for_its_call() {
+    let token = "stream-token-test-auth-token";
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.server.public_url = "https://bridge.example.com".into();
+    settings.secrets.twilio_auth_token = Some(SecretString::from(token));
+    settings.twilio.validate_signatures = None;
+    let app = spawn_app(settings).await;
+    let signing = Signing {
+        auth_token: Some(token.into()),
+        signed_url: Some("https://bridge.example.com/voice".into()),
+    };
+    let ws_sig = compute_signature(token, "wss://bridge.example.com/media-stream", &[]);
+    let upgrade = [("X-Twilio-Signature", ws_sig.as_str())];
+
+    // The genuine call: its token is in the TwiML, and its audio flows.
+    let twiml = app.answer_call("CAgood", &signing).await;
+    let (_, params) = twiml.stream().unwrap();
+    let issued = params
+        .iter()
+        .find(|(k, _)| k == "callbridgeToken")
+        .map(|(_, v)| v.clone())
+        .expect("a stream token parameter");
+    let caller = FakeTwilio::connect_with_headers(&app.ws_url(), &upgrade).await;
+    let mut session = fake.next_session().await;
+    caller.start_from(&twiml, "MZgood", "CAgood").await;
+    session.recv_event("session.update").await;
+    caller.send_media(&[0x21; 160]).await;
+    assert_eq!(session.wait_appended_bytes(160).await, vec![0x21; 160]);
+
+    // Replays of the same upgrade signature.
+    let attempts: [(&str, Vec<(&str, &str)>); 3] = [
+        ("CAforged", vec![]),
+        ("CAforged", vec![("callbridgeToken", issued.as_str())]),
+        (
+            "CAforged",
+            vec![("callbridgeToken", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=")],
+        ),
+    ];
+    for (n, (call_sid, params)) in attempts.iter().enumerate() {
+        let attacker = FakeTwilio::connect_with_headers(&app.ws_url(), &upgrade).await;
+        let session = fake.next_session().await;
+        attacker
+            .start_call(&format!("MZbad{n}"), call_sid, params)
+            .await;
+        for _ in 0..5 {
+            attacker.send_media(&[0x66; 160]).await;
+        }
+        assert!(attacker.wait_closed().await, "attempt {n} not closed");
+        assert_eq!(attacker.service_close_code(), Some(1008), "attempt {n}");
+        assert!(
+            session.wait_closed().await,
+            "attempt {n}: OpenAI leg left open"
+        );
+        assert_eq!(
+            session.append_count(),
+            0,
+            "attempt {n}: audio reached OpenAI"
+        );
+        assert_eq!(attacker.received_audio(), Vec::<u8>::new());
+    }
+    assert_eq!(app.ended("bad_stream_token").await, 3);
+    // The replays never showed up as calls; the genuine one is untouched.
+    let (_, calls) = app.get_json("/calls").await;
+    assert_eq!(calls["count"], 1, "{calls}");
+    caller.send_media(&[0x22; 160]).await;
+    session.wait_appended_bytes(320).await;
+    caller.hang_up().await;
+    fake.assert_no_violations();
+    caller.assert_no_violations();
+}
+
+/// With signature checks off (explicitly), there is no stream token to issue or check.
+#[actix_web::test]
+async fn without_signature_checks_there_is_no_stream_token() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let twiml = app.answer_call("CAopen", &Signing::default()).await;
+    let (_, params) = twiml.stream().unwrap();
+    assert!(
+        params.iter().all(|(k, _)| k != "callbridgeToken"),
+        "{params:?}"
+    );
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZopen", "CAopen", &[]).await;
+    session.recv_event("session.update").await;
+    caller.send_media(&[0x31; 160]).await;
+    session.wait_appended_bytes(160).await;
+    caller.hang_up().await;
+}
+
+/// `/voice` without a CallSid of Twilio's format is a 400 (nothing to connect, nothing to log).
+#[actix_web::test]
+async fn voice_without_a_valid_call_sid_is_refused() {
+    let app = spawn_app(test_settings()).await;
+    for sid in ["", "CA\n[fake] injected", "CA<script>"] {
+        let form = [("CallSid", sid), ("From", "+1"), ("To", "+2")];
+        let (status, _, body) = post_voice(&app.http("/voice"), &form, None).await;
+        assert_eq!(status, 400, "{sid:?}: {body}");
+        assert!(body.contains("CallSid"), "{body}");
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use secrecy::SecretString;
 use support::{
-    compute_signature, openai_settings, spawn_app, FakeOpenAi, FakeTwilio, MarkMode,
+    compute_signature, openai_settings, spawn_app, FakeOpenAi, FakeTwilio, MarkMode, Signing,
     TEST_OPENAI_KEY,
 };
 
@@ -71,14 +71,21 @@ async fn secrets_never_reach_logs_or_responses() {
     assert_clean("a 401 body", &body.to_string());
 
     // A call with a restart and an error that echoes the key.
+    let twiml = app
+        .answer_call(
+            "CAS",
+            &Signing {
+                auth_token: Some(TWILIO_TOKEN.into()),
+                signed_url: Some("https://bridge.example.com/voice".into()),
+            },
+        )
+        .await;
     let sig = compute_signature(TWILIO_TOKEN, "wss://bridge.example.com/media-stream", &[]);
     let caller =
         FakeTwilio::connect_with_headers(&app.ws_url(), &[("X-Twilio-Signature", &sig)]).await;
     caller.set_mark_mode(MarkMode::Manual); // audio still playing when the caller speaks
     let mut first = fake.next_session().await;
-    caller
-        .start_call("MZS", "CAS", &[("From", "+14155550100")])
-        .await;
+    caller.start_from(&twiml, "MZS", "CAS").await;
     first.recv_event("session.update").await;
     caller.send_media(&[0x11; 160]).await;
     first.wait_appended_bytes(160).await;

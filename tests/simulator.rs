@@ -140,8 +140,9 @@ async fn a_small_load_through_the_openai_leg_loses_nothing() {
     assert_eq!(report.frames_echoed, 150);
 }
 
-/// With a Twilio auth token, the simulator signs the upgrade the way Twilio does and a
-/// secured service accepts it; a wrong token is refused.
+/// With a Twilio auth token, the simulator POSTs the signed voice webhook, signs the upgrade
+/// and sends the TwiML's stream token in `start`, as Twilio does, and a secured service
+/// accepts the call (it would close a stream without its token); a wrong token is refused.
 #[actix_rt::test]
 async fn signed_upgrades_work_against_a_secured_service() {
     let mut settings = test_settings();

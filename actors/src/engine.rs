@@ -29,6 +29,8 @@ struct Inner {
     call: CallConfig,
     upstream: UpstreamKind,
     api_key: Option<SecretString>,
+    /// The Twilio auth token, when signatures are checked: keys the per-call stream tokens.
+    stream_key: Option<Arc<SecretString>>,
     next_instance: AtomicU64,
     /// Media streams open now (a call's actor from start to stop), for `server.max_calls`.
     live: AtomicUsize,
@@ -44,6 +46,7 @@ impl Engine {
         call: CallConfig,
         upstream: UpstreamKind,
         api_key: Option<SecretString>,
+        stream_key: Option<SecretString>,
     ) -> Result<Self, ConfigError> {
         openai.validate()?;
         call.validate()?;
@@ -64,6 +67,7 @@ impl Engine {
                 call,
                 upstream,
                 api_key,
+                stream_key: stream_key.map(Arc::new),
                 next_instance: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
                 draining: AtomicBool::new(false),
@@ -131,6 +135,16 @@ impl Engine {
         self.inner.api_key.clone()
     }
 
+    /// The stream token `/voice` hands to `call_sid`'s stream, when signatures are checked.
+    pub fn stream_token(&self, call_sid: &str) -> Option<String> {
+        use secrecy::ExposeSecret as _;
+        let key = self.inner.stream_key.as_ref()?;
+        Some(crate::protocol::signature::stream_token(
+            key.expose_secret(),
+            call_sid,
+        ))
+    }
+
     /// Upgrades a `GET /media-stream` to the Twilio websocket and starts its call.
     pub fn accept_media_stream(
         &self,
@@ -147,6 +161,7 @@ impl Engine {
             payload,
             &self.inner.call,
             track_marks,
+            self.inner.stream_key.clone(),
             |twilio, counters| CallActor::new(engine, instance, twilio, counters),
         )
     }

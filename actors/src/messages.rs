@@ -86,6 +86,8 @@ pub enum StopReason {
     TwilioStalled { ms: u64 },
     /// The media stream connected but Twilio never sent `start`.
     NoStart { ms: u64 },
+    /// The stream's `start` did not carry the stream token `/voice` issued for its `callSid`.
+    BadStreamToken,
     /// The AI leg failed more often than the restart budget allows.
     UpstreamFailed(String),
     /// The AI leg failed in a way no retry can mend (key, quota, configuration).
@@ -104,6 +106,7 @@ impl StopReason {
             StopReason::TwilioClosed(_) => "twilio_closed",
             StopReason::TwilioStalled { .. } => "twilio_stalled",
             StopReason::NoStart { .. } => "no_start",
+            StopReason::BadStreamToken => "bad_stream_token",
             StopReason::UpstreamFailed(_) => "upstream_failed",
             StopReason::UpstreamRefused(_) => "upstream_refused",
             StopReason::BreakerOpen(_) => "breaker_open",
@@ -129,6 +132,11 @@ impl std::fmt::Display for StopReason {
             StopReason::NoStart { ms } => {
                 write!(f, "no_start: Twilio sent no start within {ms} ms")
             }
+            StopReason::BadStreamToken => write!(
+                f,
+                "bad_stream_token: start carried no valid stream token for its callSid (not \
+                 from this service's TwiML: a replayed or forged stream)"
+            ),
             StopReason::UpstreamFailed(why) => write!(f, "AI leg failed: {why}"),
             StopReason::UpstreamRefused(why) => write!(f, "AI leg failed for good: {why}"),
             StopReason::BreakerOpen(why) => write!(

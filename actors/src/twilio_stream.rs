@@ -32,12 +32,14 @@ use actix_ws::{CloseCode, CloseReason, Message, ProtocolError};
 use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::FutureExt as _;
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::config::CallConfig;
 use crate::messages::{
     AudioIn, AudioOut, CallCounters, CallIdentified, ClearAudio, ClearOutcome, Dtmf, MarkTail,
     RouteCallerAudio, Stop, StopReason, StreamStarted,
 };
+use crate::protocol::signature;
 use crate::protocol::twilio::{self, Outbound, TwilioEvent};
 use crate::session::inbound::{Inbound, InboundConfig};
 use crate::session::playback::{Chunk, Playback, PlaybackConfig, Wire};
@@ -103,6 +105,7 @@ pub fn accept<A>(
     payload: actix_web::web::Payload,
     cfg: &CallConfig,
     track_marks: bool,
+    stream_key: Option<Arc<SecretString>>,
     make_call: impl FnOnce(TwilioPort, Arc<CallCounters>) -> A,
 ) -> Result<HttpResponse, actix_web::Error>
 where
@@ -121,7 +124,8 @@ where
         dtmf: call.clone().recipient(),
         stop: call.recipient(),
     };
-    let leg = TwilioStreamActor::new(port, session, counters.clone(), cfg, track_marks);
+    let mut leg = TwilioStreamActor::new(port, session, counters.clone(), cfg, track_marks);
+    leg.stream_key = stream_key;
     leg_ctx.add_stream(stream);
     let leg_port = TwilioPort::of(&leg_ctx.address());
     leg_ctx.run(leg);
@@ -257,6 +261,9 @@ pub struct TwilioStreamActor {
     ending: bool,
     /// The call knows we are gone (it told us, or we told it).
     call_told: bool,
+    /// The Twilio auth token when signatures are checked: `start` must then carry the stream
+    /// token of its `callSid` (see [`signature::stream_token`]).
+    stream_key: Option<Arc<SecretString>>,
 }
 
 impl TwilioStreamActor {
@@ -304,6 +311,7 @@ impl TwilioStreamActor {
             malformed: 0,
             ending: false,
             call_told: false,
+            stream_key: None,
         }
     }
 
@@ -321,6 +329,37 @@ impl TwilioStreamActor {
         } else {
             log::debug!("{} malformed frame from Twilio: {what}", self.label);
         }
+    }
+
+    /// Whether `start` carries the stream token of its own `callSid` (always, when signatures
+    /// are not checked). Until it has, no caller audio goes anywhere: media before a valid
+    /// `start` is malformed and dropped.
+    fn start_is_ours(&self, start: &twilio::StreamStart) -> bool {
+        let Some(key) = &self.stream_key else {
+            return true;
+        };
+        let token = start
+            .custom_parameters
+            .iter()
+            .find(|(name, _)| name == signature::STREAM_TOKEN_PARAM)
+            .map(|(_, value)| value.as_str());
+        let problem = match token {
+            None => "its start carries no stream token",
+            Some(token)
+                if signature::stream_token_valid(key.expose_secret(), &start.call_sid, token) =>
+            {
+                return true
+            }
+            Some(_) => "its stream token is not the one issued for this callSid",
+        };
+        // The SIDs were checked against Twilio's format by the parser: safe in a log line.
+        log::warn!(
+            "[{}] stream {} refused: {problem} (a replayed upgrade or a stream that did not come \
+             from this service's TwiML); closing it before any audio reaches the AI",
+            start.call_sid,
+            start.stream_sid
+        );
+        false
     }
 
     fn on_text(&mut self, text: &ByteString, ctx: &mut Context<Self>) {
@@ -365,6 +404,15 @@ impl TwilioStreamActor {
             Ok(TwilioEvent::Start(start)) => {
                 if self.started {
                     self.malformed("second start on one stream");
+                    return;
+                }
+                if !self.start_is_ours(&start) {
+                    self.ending = true;
+                    self.call_told = true;
+                    self.call.stop.do_send(Stop {
+                        reason: StopReason::BadStreamToken,
+                    });
+                    self.close(Some(CloseCode::Policy.into()), ctx);
                     return;
                 }
                 if start.encoding != "audio/x-mulaw" {

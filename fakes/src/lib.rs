@@ -10,6 +10,8 @@
 //! - [`twilio`]: the Twilio side's wire shapes (what Twilio sends, strict parsing of what the
 //!   service sends back) and request signing (A5).
 //! - [`g711`]: µ-law encode/decode (C).
+//! - [`twiml`]: TwiML read strictly, as Twilio reads it (A4).
+//! - [`webhook`]: Twilio's voice webhook: the signed POST of an incoming call, and its TwiML.
 //!
 //! The crate depends on neither `callbridge` nor `callbridge-actors`: a fake that judges the
 //! service with the service's own helpers shares its bugs. Base64 is judged with the `base64`
@@ -20,6 +22,8 @@ pub mod g711;
 pub mod openai;
 pub mod playback;
 pub mod twilio;
+pub mod twiml;
+pub mod webhook;
 
 /// At most `max` bytes of `text`, cut at a character boundary, with the full length noted
 /// (audio frames would flood a violation list).

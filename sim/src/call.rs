@@ -23,7 +23,7 @@ use callbridge_fakes::{
     },
 };
 
-use crate::ws::{connect_twilio, Socket, TwilioAuth};
+use crate::ws::{connect_twilio, voice_webhook, Socket, TwilioAuth};
 
 /// One frame of audio every 20 ms.
 const FRAME: Duration = Duration::from_millis(20);
@@ -174,14 +174,20 @@ pub async fn run(options: CallOptions) -> anyhow::Result<CallReport> {
         entries: Vec::new(),
         marks: None,
     };
-    let mut ws = connect_twilio(&options.url, &options.auth).await?;
-    timeline.event(format!("connected to {}", options.url));
-
     let n =
         u64::from(std::process::id()) << 20 | u64::from(timeline.t0.elapsed().subsec_nanos() >> 12);
     let mut caller = Caller::new(Caller::stream_sid_for(n), Caller::call_sid_for(n));
+    let mut params = voice_webhook(&options.url, &options.auth, caller.call_sid()).await?;
+    timeline.event(format!(
+        "voice webhook answered <Connect><Stream> with {} parameters",
+        params.len()
+    ));
+    params.extend(options.custom_parameters.iter().cloned());
+    let mut ws = connect_twilio(&options.url, &options.auth).await?;
+    timeline.event(format!("connected to {}", options.url));
+
     send(&mut ws, caller.connected()).await?;
-    send(&mut ws, caller.start(&options.custom_parameters)).await?;
+    send(&mut ws, caller.start(&params)).await?;
     let started = Instant::now();
     timeline.event(format!(
         "start sent (call {}, stream {})",

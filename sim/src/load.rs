@@ -34,7 +34,7 @@ use callbridge_fakes::{
 use crate::{
     procstat,
     stats::Percentiles,
-    ws::{connect_openai, connect_twilio, Socket, TwilioAuth},
+    ws::{connect_openai, connect_twilio, voice_webhook, Socket, TwilioAuth},
 };
 
 const FRAME: Duration = Duration::from_millis(20);
@@ -448,14 +448,20 @@ async fn send(ws: &mut Socket, text: String) -> anyhow::Result<()> {
 
 /// One call to callbridge, as Twilio.
 async fn twilio_call(options: &LoadOptions, t: &mut Tracker) -> anyhow::Result<()> {
+    let n = u64::from(t.index) + 1;
+    let mut caller = Caller::new(Caller::stream_sid_for(n), Caller::call_sid_for(n));
+    let params = timeout(
+        SETUP_TIMEOUT,
+        voice_webhook(&options.url, &options.auth, caller.call_sid()),
+    )
+    .await
+    .map_err(|_| anyhow!("voice webhook timed out"))??;
     let mut ws = timeout(SETUP_TIMEOUT, connect_twilio(&options.url, &options.auth))
         .await
         .map_err(|_| anyhow!("connect timed out"))??;
     t.result.connected = true;
-    let n = u64::from(t.index) + 1;
-    let mut caller = Caller::new(Caller::stream_sid_for(n), Caller::call_sid_for(n));
     send(&mut ws, caller.connected()).await?;
-    send(&mut ws, caller.start(&[])).await?;
+    send(&mut ws, caller.start(&params)).await?;
 
     let mut playback = Playback::new(false);
     let mut to_echo: Vec<String> = Vec::new();

@@ -18,7 +18,8 @@ USAGE:
   callbridge-sim call --url ws://HOST:PORT/media-stream --audio in.wav [--out reply.wav]
         [--tail-ms 1500] [--max-seconds 600] [--param NAME=VALUE]... [--dtmf MS:DIGIT,...]
         [--signed-url wss://PUBLIC/media-stream]
-      One Twilio call at real-time pace: plays in.wav (8 kHz mu-law, or 16-bit PCM at
+      One Twilio call at real-time pace: POSTs the voice webhook (/voice on the same host,
+      signed as Twilio signs it), then opens the stream with the TwiML's parameters; plays in.wav (8 kHz mu-law, or 16-bit PCM at
       8/16/24/48 kHz), records what the caller hears to reply.wav, prints a timeline.
   callbridge-sim tone --out tone.wav [--hz 440] [--ms 3000]
       Writes a test tone as an 8 kHz mu-law WAV.
@@ -30,7 +31,7 @@ USAGE:
   callbridge-sim load --url URL --calls N --seconds S [--ramp-ms 1000] [--pid PID]
         [--protocol twilio|openai] [--warmup-ms 1000] [--drain-ms 2000] [--settle-ms 2000]
         [--threads 2] [--json report.json]
-      N concurrent calls; every frame tagged and matched on its way back. A summary goes to
+      N concurrent calls, each POSTing the voice webhook first; every frame tagged and matched on its way back. A summary goes to
       stderr and the JSON report to stdout (or --json). The protocol is openai when the URL
       path is /v1/realtime (the floor: straight to a Realtime server), else twilio.
 

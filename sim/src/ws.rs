@@ -53,6 +53,43 @@ pub async fn connect_twilio(url: &str, auth: &TwilioAuth) -> anyhow::Result<Sock
     open(request, url).await
 }
 
+/// The voice webhook's URL for a stream URL: same host, `http(s)` for `ws(s)`, and the path's
+/// `/media-stream` replaced by `/voice` (any other path is replaced whole).
+pub fn voice_url_for(stream_url: &str) -> String {
+    let (scheme, rest) = match stream_url.split_once("://") {
+        Some(("wss", rest)) => ("https", rest),
+        Some(("ws", rest)) => ("http", rest),
+        Some((scheme, rest)) => (scheme, rest),
+        None => ("http", stream_url),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let base = path.strip_suffix("/media-stream").unwrap_or("");
+    format!("{scheme}://{authority}{base}/voice")
+}
+
+/// What Twilio does before it opens a stream: POST the voice webhook for `call_sid` (signed,
+/// when there is an auth token) and read the `<Parameter>`s of the `<Stream>` it answers,
+/// which the stream's `start` must carry (the service's stream token among them).
+pub async fn voice_webhook(
+    stream_url: &str,
+    auth: &TwilioAuth,
+    call_sid: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let call =
+        callbridge_fakes::webhook::IncomingCall::new(call_sid, "+15005550006", "+15005550001");
+    let signing = callbridge_fakes::webhook::Signing {
+        auth_token: auth.auth_token.clone(),
+        signed_url: auth.signed_url.as_deref().map(voice_url_for),
+    };
+    let twiml = callbridge_fakes::webhook::answer_call(&voice_url_for(stream_url), &call, &signing)
+        .await
+        .map_err(|e| anyhow!("voice webhook: {e}"))?;
+    let (_, params) = twiml.stream().ok_or_else(|| {
+        anyhow!("the voice webhook answered no <Connect><Stream> (full or draining?)")
+    })?;
+    Ok(params.to_vec())
+}
+
 /// Connects to an OpenAI Realtime endpoint (adds `?model=gpt-realtime` when the URL has no
 /// query) with `Authorization: Bearer <api_key>`.
 pub async fn connect_openai(url: &str, api_key: &str) -> anyhow::Result<Socket> {
@@ -85,4 +122,21 @@ async fn open(
             other => anyhow!("cannot connect to {url}: {other}"),
         })?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn voice_urls() {
+        use super::voice_url_for;
+        assert_eq!(
+            voice_url_for("ws://127.0.0.1:8080/media-stream"),
+            "http://127.0.0.1:8080/voice"
+        );
+        assert_eq!(
+            voice_url_for("wss://b.example/x/media-stream"),
+            "https://b.example/x/voice"
+        );
+        assert_eq!(voice_url_for("ws://h:1/other"), "http://h:1/voice");
+    }
 }

@@ -87,6 +87,20 @@ impl TestApp {
         format!("ws://127.0.0.1:{}/media-stream", self.port)
     }
 
+    /// Twilio's voice webhook for an incoming call `call_sid`: POST `/voice` (signed with
+    /// `signing`), the TwiML read strictly by the fake. Panics if it is not a 200 with TwiML.
+    pub async fn answer_call(
+        &self,
+        call_sid: &str,
+        signing: &callbridge_fakes::webhook::Signing,
+    ) -> callbridge_fakes::twiml::Twiml {
+        let call =
+            callbridge_fakes::webhook::IncomingCall::new(call_sid, "+14155550100", "+14155550199");
+        callbridge_fakes::webhook::answer_call(&self.http("/voice"), &call, signing)
+            .await
+            .unwrap_or_else(|e| panic!("/voice for {call_sid}: {e}"))
+    }
+
     /// GET `path`, returning the status and the JSON body.
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         self.get_json_with(path, &[]).await

@@ -321,6 +321,22 @@ impl FakeTwilio {
                 .await
     }
 
+    /// `connected` then `start`, with the `<Parameter>`s of `twiml`'s `<Stream>`, as Twilio
+    /// starts the stream that TwiML asked for.
+    pub async fn start_from(
+        &self,
+        twiml: &callbridge_fakes::twiml::Twiml,
+        stream_sid: &str,
+        call_sid: &str,
+    ) -> bool {
+        let (_, params) = twiml.stream().expect("the TwiML has a <Connect><Stream>");
+        let params: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.start_call(stream_sid, call_sid, &params).await
+    }
+
     /// An inbound `media` message carrying `payload` (raw µ-law, base64-encoded here). `chunk`
     /// counts from 1; `timestamp` is the presentation time (0 for the first chunk) and
     /// advances by the payload's duration (20 ms per 160 bytes).

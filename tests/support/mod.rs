@@ -21,6 +21,7 @@ pub mod fake_twilio;
 pub use callbridge_fakes::openai::{
     self as fake_openai, FakeOpenAi, FakeSession, Flood, Handshake,
 };
+pub use callbridge_fakes::webhook::Signing;
 pub use callbridge_fakes::{clip, g711::encode as mulaw_encode, twilio::compute_signature};
 pub use fake_twilio::{FakeTwilio, MarkMode};
 

@@ -85,6 +85,47 @@ pub fn stream_url(public_base: &str, path: &str) -> String {
     format!("{scheme}://{rest}{separator}{path}")
 }
 
+/// The `<Parameter>` name under which `/voice` hands each call's stream token to its stream.
+pub const STREAM_TOKEN_PARAM: &str = "callbridgeToken";
+
+/// What the stream token signs, before the call SID: keeps the token from ever equalling a
+/// Twilio signature made with the same key (a signed URL starts with a scheme, never with this).
+const STREAM_TOKEN_DOMAIN: &[u8] = b"callbridge stream token v1\n";
+
+/// The per-call stream token: HMAC-SHA1 of the call SID, keyed by the auth token, in base64.
+///
+/// `/voice` (a request Twilio signed) puts it in the TwiML as a `<Parameter>`; Twilio hands it
+/// back in the stream's `start.customParameters`. A stream whose `start` does not carry the
+/// token of its own `callSid` did not come from that TwiML: an upgrade signature replayed from
+/// an earlier call opens a socket, but gets no audio to OpenAI.
+pub fn stream_token(auth_token: &str, call_sid: &str) -> String {
+    STANDARD.encode(
+        stream_token_mac(auth_token, call_sid)
+            .finalize()
+            .into_bytes(),
+    )
+}
+
+/// Whether `token` is the stream token of `call_sid`. Constant-time in the token's content;
+/// a token that is not base64 or not 20 bytes is a mismatch.
+pub fn stream_token_valid(auth_token: &str, call_sid: &str, token: &str) -> bool {
+    let Ok(given) = STANDARD.decode(token) else {
+        return false;
+    };
+    stream_token_mac(auth_token, call_sid)
+        .verify_slice(&given)
+        .is_ok()
+}
+
+fn stream_token_mac(auth_token: &str, call_sid: &str) -> HmacSha1 {
+    // invariant: HMAC takes keys of any length (longer ones are hashed), so this cannot fail.
+    let mut mac =
+        HmacSha1::new_from_slice(auth_token.as_bytes()).expect("HMAC accepts keys of any length");
+    mac.update(STREAM_TOKEN_DOMAIN);
+    mac.update(call_sid.as_bytes());
+    mac
+}
+
 /// An HMAC over the signed string, ready to finalize or verify.
 fn signed_mac(auth_token: &str, url: &str, params: &[(String, String)]) -> HmacSha1 {
     // invariant: HMAC takes keys of any length (longer ones are hashed), so this cannot fail.
@@ -384,5 +425,36 @@ mod tests {
             stream_url("https://example.com/bridge/", "/media"),
             "wss://example.com/bridge/media"
         );
+    }
+
+    /// Vectors computed with Python's `hmac` (not with this module).
+    #[test]
+    fn stream_tokens() {
+        let a = "CAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let b = "CAbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+        assert_eq!(stream_token(TOKEN, a), "U4LIoZmLl3wIYW5X8raHjRrNCX8=");
+        assert_eq!(stream_token(TOKEN, b), "4TnsbcHRGLM5+wQLYPDZCcs7pZ8=");
+        assert!(stream_token_valid(TOKEN, a, "U4LIoZmLl3wIYW5X8raHjRrNCX8="));
+        // Another call's token, another key, a cut or padded token, garbage: all refused.
+        assert!(!stream_token_valid(
+            TOKEN,
+            a,
+            "4TnsbcHRGLM5+wQLYPDZCcs7pZ8="
+        ));
+        assert!(!stream_token_valid(
+            "54321",
+            a,
+            "U4LIoZmLl3wIYW5X8raHjRrNCX8="
+        ));
+        assert!(!stream_token_valid(TOKEN, a, "U4LIoZmLl3wIYW5X8raHjRrN"));
+        assert!(!stream_token_valid(
+            TOKEN,
+            a,
+            "U4LIoZmLl3wIYW5X8raHjRrNCX8=AAAA"
+        ));
+        assert!(!stream_token_valid(TOKEN, a, ""));
+        assert!(!stream_token_valid(TOKEN, a, "not base64!"));
+        // Never a Twilio signature made with the same key over the SID as a "URL".
+        assert_ne!(stream_token(TOKEN, a), compute(TOKEN, a, &[]));
     }
 }

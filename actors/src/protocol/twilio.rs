@@ -256,7 +256,8 @@ pub fn parse(text: &str) -> Result<TwilioEvent<'_>, TwilioParseError> {
     }
 }
 
-fn is_safe_sid(sid: &str) -> bool {
+/// Whether `sid` looks like a Twilio SID: 2 to 64 letters, digits, `_` or `-`, safe in a log line.
+pub fn is_safe_sid(sid: &str) -> bool {
     (2..=64).contains(&sid.len())
         && sid
             .bytes()
