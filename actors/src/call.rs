@@ -53,6 +53,18 @@ const CUT_ITEMS_KEPT: usize = 8;
 /// The transcript entries replayed into a new session after a restart (the most recent ones).
 const REPLAY_ENTRIES: usize = 50;
 
+/// A rollover waits for this long without a turn event (speech, response) before it swaps the
+/// session: the server creates a response a moment after the caller stops speaking, and that
+/// response must not be created in a session that is about to close.
+const ROLLOVER_QUIET: Duration = Duration::from_millis(500);
+
+/// While a rollover waits for a pause, how often it looks again.
+const ROLLOVER_POLL: Duration = Duration::from_millis(100);
+
+/// After the successor session of a rollover failed to open, the wait before the next try (the
+/// current session still has `3600 - openai.max_session_s` seconds).
+const ROLLOVER_RETRY: Duration = Duration::from_secs(5);
+
 /// The AI leg as the call sees it: recipients, so OpenAI, echo and test legs are interchangeable.
 #[derive(Clone)]
 pub struct UpstreamLeg {
@@ -138,6 +150,18 @@ pub struct CallActor {
     leg: Option<UpstreamLeg>,
     /// Number of the current (or next) leg; reports from older legs are ignored.
     leg_no: u32,
+    /// Leg numbers handed out so far (each leg gets its own, the successor of a rollover too).
+    legs_opened: u32,
+    /// The successor session of a rollover while it opens, and whether it is configured.
+    standby: Option<(u32, UpstreamLeg)>,
+    standby_ready: bool,
+    /// A leg that handed over to its successor, until it has closed behind the audio routed to it.
+    retiring: Option<UpstreamLeg>,
+    /// The current session is `openai.max_session_s` old: replace it at the next pause.
+    rollover_due: bool,
+    rollovers: u64,
+    /// The last turn event (speech started or stopped, response created or done, a digit).
+    turn_changed: Instant,
     leg_state: LegState,
     ready_since: Option<Instant>,
     upstream_errors: u64,
@@ -206,6 +230,13 @@ impl CallActor {
             actions: Vec::with_capacity(8),
             leg: None,
             leg_no: 0,
+            legs_opened: 1,
+            standby: None,
+            standby_ready: false,
+            retiring: None,
+            rollover_due: false,
+            rollovers: 0,
+            turn_changed: Instant::now(),
             leg_state: LegState::Connecting,
             ready_since: None,
             upstream_errors: 0,
@@ -333,18 +364,149 @@ impl CallActor {
         if self.ending {
             return;
         }
+        let leg = self.open_leg(self.leg_no, ctx);
+        self.leg = Some(leg);
+    }
+
+    fn open_leg(&mut self, leg_no: u32, ctx: &mut Context<Self>) -> UpstreamLeg {
         let call = ctx.address();
-        let leg = (self.legs)(LegRequest {
+        (self.legs)(LegRequest {
             port: LegPort {
                 events: call.clone().recipient(),
                 transcripts: call.recipient(),
             },
             twilio_audio: self.twilio.audio.clone(),
-            leg_no: self.leg_no,
+            leg_no,
             label: self.label.clone(),
             counters: self.counters.clone(),
+        })
+    }
+
+    /// A number no leg of this call has had.
+    fn next_leg_no(&mut self) -> u32 {
+        let n = self.legs_opened;
+        self.legs_opened += 1;
+        n
+    }
+
+    /// From the moment `leg_no` is ready: after `openai.max_session_s`, roll it over.
+    fn schedule_rollover(&mut self, leg_no: u32, ctx: &mut Context<Self>) {
+        let max = Duration::from_secs(self.engine.openai_config().max_session_s);
+        ctx.run_later(max, move |act, ctx| {
+            if act.leg_no == leg_no && !act.ending {
+                act.rollover_due = true;
+                act.try_rollover(ctx);
+            }
         });
-        self.leg = Some(leg);
+    }
+
+    /// A pause between turns, with nothing left to play: a session can be swapped here.
+    fn between_turns(&self) -> bool {
+        self.turns.between_turns()
+            && self.turn_changed.elapsed() >= ROLLOVER_QUIET
+            && CallCounters::get(&self.counters.unconfirmed_ms) == 0
+            && CallCounters::get(&self.counters.twilio_queued_ms) == 0
+    }
+
+    /// Opens the successor session once the current one is due and the call is between turns.
+    fn try_rollover(&mut self, ctx: &mut Context<Self>) {
+        if !self.rollover_due
+            || self.ending
+            || self.standby.is_some()
+            || self.leg_state != LegState::Ready
+        {
+            return;
+        }
+        if !self.between_turns() {
+            ctx.run_later(ROLLOVER_POLL, |act, ctx| act.try_rollover(ctx));
+            return;
+        }
+        let leg_no = self.next_leg_no();
+        log::info!(
+            "{} the AI session is {} s old: opening its successor at a pause (rollover {})",
+            self.label,
+            self.ready_since.map_or(0, |t| t.elapsed().as_secs()),
+            self.rollovers + 1
+        );
+        let leg = self.open_leg(leg_no, ctx);
+        self.standby = Some((leg_no, leg));
+        self.standby_ready = false;
+    }
+
+    /// The successor is configured: give it the conversation, then switch at a pause.
+    fn on_standby_ready(&mut self, ctx: &mut Context<Self>) {
+        let Some((_, leg)) = &self.standby else {
+            return;
+        };
+        self.replay_into(leg, self.transcript.len());
+        self.standby_ready = true;
+        self.try_switch(ctx);
+    }
+
+    fn try_switch(&mut self, ctx: &mut Context<Self>) {
+        if self.ending || !self.standby_ready || self.standby.is_none() {
+            return;
+        }
+        if !self.between_turns() {
+            ctx.run_later(ROLLOVER_POLL, |act, ctx| act.try_switch(ctx));
+            return;
+        }
+        let Some((leg_no, new)) = self.standby.take() else {
+            return;
+        };
+        self.standby_ready = false;
+        self.rollover_due = false;
+        self.rollovers += 1;
+        let old = self.leg.replace(new.clone());
+        self.leg_no = leg_no;
+        self.ready_since = Some(Instant::now());
+        // Caller audio moves to the new session; once the Twilio leg has switched, every frame
+        // routed to the old one is in its mailbox, ahead of the stop: it sends them, then closes.
+        self.retiring = old;
+        self.twilio
+            .route
+            .send(RouteCallerAudio {
+                to: Some(new.audio.clone()),
+            })
+            .into_actor(self)
+            .map(|_, act, _| act.retire_old_leg())
+            .spawn(ctx);
+        log::info!(
+            "{} rolled over to a new AI session (rollover {}): caller audio goes to it from now on",
+            self.label,
+            self.rollovers
+        );
+        self.schedule_rollover(leg_no, ctx);
+    }
+
+    fn retire_old_leg(&mut self) {
+        if let Some(old) = self.retiring.take() {
+            old.stop.do_send(Stop {
+                reason: StopReason::Rollover,
+            });
+        }
+    }
+
+    /// The successor of a rollover failed to open: the current session goes on; try again.
+    fn on_standby_closed(&mut self, failure: LegFailure, ctx: &mut Context<Self>) {
+        self.standby = None;
+        self.standby_ready = false;
+        log::warn!(
+            "{} rollover: the new AI session failed ({failure}); the current one goes on, next \
+             try in {} s",
+            self.label,
+            ROLLOVER_RETRY.as_secs()
+        );
+        ctx.run_later(ROLLOVER_RETRY, |act, ctx| act.try_rollover(ctx));
+    }
+
+    fn drop_standby(&mut self) {
+        self.standby_ready = false;
+        if let Some((_, leg)) = self.standby.take() {
+            leg.stop.do_send(Stop {
+                reason: StopReason::Rollover,
+            });
+        }
     }
 
     fn on_leg_ready(&mut self, leg_no: u32, ctx: &mut Context<Self>) {
@@ -355,6 +517,7 @@ impl CallActor {
         self.twilio.route.do_send(RouteCallerAudio {
             to: Some(leg.audio.clone()),
         });
+        self.schedule_rollover(leg_no, ctx);
         if leg_no == 0 {
             log::info!(
                 "{} session configured ({}), audio can flow",
@@ -378,6 +541,9 @@ impl CallActor {
         // Stop audio at the source first: the Twilio leg holds caller audio until a new leg.
         self.twilio.route.do_send(RouteCallerAudio { to: None });
         self.leg = None;
+        // A rollover in progress is abandoned: the restart opens a session of its own.
+        self.rollover_due = false;
+        self.drop_standby();
         CallCounters::set(&self.counters.openai_queued, 0);
         self.apply(Event::UpstreamLost, ctx);
         let ready_for = self.ready_since.take().map(|since| since.elapsed());
@@ -411,7 +577,7 @@ impl CallActor {
                 );
             }
             Decision::Restart { attempt, delay_ms } => {
-                self.leg_no += 1;
+                self.leg_no = self.next_leg_no();
                 self.leg_state = LegState::Restarting;
                 log::warn!(
                     "{} AI leg lost: {failure}; restarting in {delay_ms} ms (attempt {attempt} of {budget}); the caller stays connected",
@@ -427,7 +593,12 @@ impl CallActor {
     /// Replays the conversation so far into a fresh session, so the assistant keeps its context.
     fn replay_transcript(&self) {
         let Some(leg) = &self.leg else { return };
-        let known = self.replay_upto.min(self.transcript.len());
+        self.replay_into(leg, self.replay_upto);
+    }
+
+    /// Replays the first `upto` transcript entries (the last [`REPLAY_ENTRIES`] of them).
+    fn replay_into(&self, leg: &UpstreamLeg, upto: usize) {
+        let known = upto.min(self.transcript.len());
         let skip = known.saturating_sub(REPLAY_ENTRIES);
         for entry in self.transcript.iter().take(known).skip(skip) {
             let command = match entry.role {
@@ -498,7 +669,7 @@ impl CallActor {
         let c = &self.counters;
         let dropped = DroppedFrames::from(c.as_ref());
         log::info!(
-            "{} call ended ({}): {reason}; {} ms, frames in={} out={}, barge_ins={}, upstream_restarts={}, malformed={}, dropped: pre_start={} upstream_not_ready={} interrupted={} twilio_backpressure={} openai_backpressure={}",
+            "{} call ended ({}): {reason}; {} ms, frames in={} out={}, barge_ins={}, upstream_restarts={}, rollovers={}, malformed={}, dropped: pre_start={} upstream_not_ready={} interrupted={} twilio_backpressure={} openai_backpressure={}",
             self.label,
             reason.code(),
             self.started.elapsed().as_millis(),
@@ -506,6 +677,7 @@ impl CallActor {
             CallCounters::get(&c.frames_out),
             self.turns.barge_ins,
             self.restarts.total,
+            self.rollovers,
             CallCounters::get(&c.malformed_frames),
             dropped.pre_start,
             dropped.upstream_not_ready,
@@ -521,10 +693,16 @@ impl CallActor {
                 reason: reason.clone(),
             });
         }
+        self.drop_standby();
+        self.retire_old_leg();
         if !reason.twilio_gone() {
             self.twilio.stop.do_send(Stop { reason });
         }
         ctx.stop();
+    }
+
+    fn standby_is(&self, leg_no: u32) -> bool {
+        self.standby.as_ref().is_some_and(|(n, _)| *n == leg_no)
     }
 
     fn snapshot(&self, with_transcript: bool) -> CallSnapshot {
@@ -552,6 +730,7 @@ impl CallActor {
             frames_out: CallCounters::get(&c.frames_out),
             barge_ins: self.turns.barge_ins,
             upstream_restarts: self.restarts.total,
+            rollovers: self.rollovers,
             upstream_errors: self.upstream_errors,
             malformed_frames: CallCounters::get(&c.malformed_frames),
             marks_pending: CallCounters::get(&c.marks_pending) as usize,
@@ -690,6 +869,7 @@ impl Handler<Dtmf> for CallActor {
     fn handle(&mut self, msg: Dtmf, ctx: &mut Context<Self>) {
         log::info!("{} dtmf: {}", self.label, msg.digit);
         self.record(Role::Dtmf, msg.digit.clone(), None);
+        self.turn_changed = Instant::now();
         self.apply(Event::Dtmf { digit: msg.digit }, ctx);
     }
 }
@@ -723,8 +903,22 @@ impl Handler<UpstreamEvent> for CallActor {
             UpstreamEvent::Closed { leg, failure } if leg == self.leg_no && !self.ending => {
                 self.on_leg_closed(failure, ctx)
             }
-            UpstreamEvent::SpeechStarted => self.apply(Event::SpeechStarted, ctx),
+            UpstreamEvent::Ready { leg } if self.standby_is(leg) && !self.ending => {
+                self.on_standby_ready(ctx)
+            }
+            UpstreamEvent::Closed { leg, failure } if self.standby_is(leg) && !self.ending => {
+                self.on_standby_closed(failure, ctx)
+            }
+            UpstreamEvent::SpeechStarted => {
+                self.turn_changed = Instant::now();
+                self.apply(Event::SpeechStarted, ctx)
+            }
+            UpstreamEvent::SpeechStopped => {
+                self.turn_changed = Instant::now();
+                self.apply(Event::SpeechStopped, ctx)
+            }
             UpstreamEvent::ResponseCreated { response_id } => {
+                self.turn_changed = Instant::now();
                 self.apply(Event::ResponseCreated { response_id }, ctx)
             }
             UpstreamEvent::ResponseDone {
@@ -732,6 +926,7 @@ impl Handler<UpstreamEvent> for CallActor {
                 status,
             } => {
                 log::debug!("{} response {response_id} {status}", self.label);
+                self.turn_changed = Instant::now();
                 // A completed response proves key, quota and settings work: the breaker's
                 // count of consecutive permanent failures starts again (a configured session
                 // does not: a quota error comes with the first response).

@@ -69,6 +69,9 @@ pub struct OpenAiConfig {
     pub breaker_failures: u32,
     /// How long the breaker stays open before one call probes OpenAI again, s.
     pub breaker_cooldown_s: u64,
+    /// A session this old is replaced by a new one at the next pause between turns (OpenAI
+    /// ends sessions at 60 minutes), s.
+    pub max_session_s: u64,
 }
 
 impl Default for OpenAiConfig {
@@ -95,6 +98,7 @@ impl Default for OpenAiConfig {
             replay_transcript_on_restart: true,
             breaker_failures: 5,
             breaker_cooldown_s: 30,
+            max_session_s: 3_300,
         }
     }
 }
@@ -156,6 +160,16 @@ impl OpenAiConfig {
                 format!(
                     "must be between 1 and 3600 while openai.breaker_failures is set, got {}",
                     self.breaker_cooldown_s
+                ),
+            ));
+        }
+        if !(1..=3_540).contains(&self.max_session_s) {
+            return Err(ConfigError::new(
+                "openai.max_session_s",
+                format!(
+                    "must be between 1 and 3540 (OpenAI ends a session at 3600 s; the next one \
+                     needs time to open at a pause), got {}",
+                    self.max_session_s
                 ),
             ));
         }

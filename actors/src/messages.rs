@@ -96,6 +96,9 @@ pub enum StopReason {
     BreakerOpen(String),
     /// The service is shutting down.
     Shutdown,
+    /// To an AI leg only: a newer session has taken over this call (a rollover). Send what is
+    /// queued, then close.
+    Rollover,
 }
 
 impl StopReason {
@@ -111,6 +114,7 @@ impl StopReason {
             StopReason::UpstreamRefused(_) => "upstream_refused",
             StopReason::BreakerOpen(_) => "breaker_open",
             StopReason::Shutdown => "shutdown",
+            StopReason::Rollover => "rollover",
         }
     }
 
@@ -144,6 +148,7 @@ impl std::fmt::Display for StopReason {
                 "OpenAI not tried: the breaker is open after repeated permanent failures ({why})"
             ),
             StopReason::Shutdown => write!(f, "service shutting down"),
+            StopReason::Rollover => write!(f, "a new session took over (rollover)"),
         }
     }
 }
@@ -241,6 +246,8 @@ pub enum UpstreamEvent {
     },
     /// The caller started speaking.
     SpeechStarted,
+    /// The caller stopped speaking.
+    SpeechStopped,
     ResponseCreated {
         response_id: String,
     },

@@ -38,7 +38,7 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::call::LegRequest;
 use crate::config::{CallConfig, OpenAiConfig};
 use crate::messages::{
-    AudioIn, AudioOut, CallCounters, CallIdentified, Stop, Transcript, UpstreamCommand,
+    AudioIn, AudioOut, CallCounters, CallIdentified, Stop, StopReason, Transcript, UpstreamCommand,
     UpstreamEvent,
 };
 use crate::protocol::{base64_audio_len, openai as proto, openai::ServerEvent};
@@ -337,6 +337,7 @@ impl OpenAiRealtimeActor {
                 }
             }
             ServerEvent::SpeechStarted => self.call.events.do_send(UpstreamEvent::SpeechStarted),
+            ServerEvent::SpeechStopped => self.call.events.do_send(UpstreamEvent::SpeechStopped),
             ServerEvent::ResponseCreated { response_id } => self
                 .call
                 .events
@@ -632,14 +633,18 @@ impl Handler<CallIdentified> for OpenAiRealtimeActor {
 impl Handler<Stop> for OpenAiRealtimeActor {
     type Result = ();
 
-    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Stop, ctx: &mut Context<Self>) {
         self.done = true;
         self.twilio = None;
         if self.connected {
             let mut outbox = self.outbox.borrow_mut();
-            // What waits is of no use any more: only the close goes out.
-            outbox.queue.clear();
-            outbox.audio = 0;
+            if msg.reason != StopReason::Rollover {
+                // What waits is of no use any more: only the close goes out.
+                outbox.queue.clear();
+                outbox.audio = 0;
+            }
+            // On a rollover, the caller audio still queued goes out first: every frame routed
+            // here reaches this session, the ones after the switch the next one.
             outbox.close = true;
             if let Some(waker) = outbox.waker.take() {
                 waker.wake();

@@ -68,6 +68,8 @@ pub struct CallSnapshot {
     pub frames_out: u64,
     pub barge_ins: u64,
     pub upstream_restarts: u32,
+    /// Sessions replaced before OpenAI's 60-minute cap (`openai.max_session_s`).
+    pub rollovers: u64,
     pub upstream_errors: u64,
     pub malformed_frames: u64,
     /// Marks sent to Twilio and not yet echoed: audio still queued for the caller.
@@ -307,6 +309,7 @@ mod tests {
                 frames_out: 0,
                 barge_ins: 0,
                 upstream_restarts: 0,
+                rollovers: 0,
                 upstream_errors: 0,
                 malformed_frames: 0,
                 marks_pending: 0,

@@ -135,6 +135,8 @@ pub enum ServerEvent<'a> {
     },
     /// Server VAD heard the caller start speaking: the barge-in signal.
     SpeechStarted,
+    /// Server VAD heard the caller stop speaking.
+    SpeechStopped,
     ResponseCreated {
         response_id: String,
     },
@@ -237,6 +239,7 @@ pub fn parse_server_event(text: &str) -> Result<ServerEvent<'_>, OpenAiParseErro
                 .ok_or(missing("response.output_audio.delta", "item_id"))?,
         },
         "input_audio_buffer.speech_started" => ServerEvent::SpeechStarted,
+        "input_audio_buffer.speech_stopped" => ServerEvent::SpeechStopped,
         "response.created" => ServerEvent::ResponseCreated {
             response_id: raw
                 .response
@@ -416,6 +419,13 @@ mod tests {
         assert_eq!(
             parse_server_event(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1000,"item_id":"i"}"#).unwrap(),
             ServerEvent::SpeechStarted
+        );
+        assert_eq!(
+            parse_server_event(
+                r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":1800,"item_id":"i"}"#
+            )
+            .unwrap(),
+            ServerEvent::SpeechStopped
         );
         assert_eq!(
             parse_server_event(r#"{"type":"rate_limits.updated","rate_limits":[]}"#).unwrap(),

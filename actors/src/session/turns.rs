@@ -34,6 +34,8 @@ pub enum Event {
     UpstreamLost,
     /// The caller started speaking (server VAD).
     SpeechStarted,
+    /// The caller stopped speaking (server VAD).
+    SpeechStopped,
     /// The Twilio leg's answer to the clear of a barge-in.
     Cleared {
         outcome: ClearOutcome,
@@ -108,6 +110,12 @@ pub struct Turns {
     /// User text waiting for the AI leg (DTMF pressed while it reconnects).
     held_text: Vec<String>,
     in_flight: Option<String>,
+    /// Server VAD heard the caller start and not yet stop.
+    caller_speaking: bool,
+    /// A response was asked for and its `response.created` has not come yet.
+    response_asked: bool,
+    /// A DTMF quiet timer is running (a response for the digits will be asked for).
+    dtmf_pending: bool,
     dtmf_generation: u64,
     /// A response was asked for while another was in flight; ask at its `response.done`.
     response_wanted: bool,
@@ -122,6 +130,9 @@ impl Turns {
             greeted: false,
             held_text: Vec::new(),
             in_flight: None,
+            caller_speaking: false,
+            response_asked: false,
+            dtmf_pending: false,
             dtmf_generation: 0,
             response_wanted: false,
             barge_ins: 0,
@@ -129,6 +140,17 @@ impl Turns {
     }
 
     pub fn on_event(&mut self, event: Event, out: &mut Vec<Action>) {
+        let before = out.len();
+        self.decide(event, out);
+        if out[before..]
+            .iter()
+            .any(|a| matches!(a, Action::CreateResponse { .. }))
+        {
+            self.response_asked = true;
+        }
+    }
+
+    fn decide(&mut self, event: Event, out: &mut Vec<Action>) {
         match event {
             Event::UpstreamReady => {
                 self.upstream_ready = true;
@@ -156,8 +178,12 @@ impl Turns {
                 // The new session knows nothing of the old one's responses.
                 self.upstream_ready = false;
                 self.in_flight = None;
+                self.caller_speaking = false;
+                self.response_asked = false;
             }
+            Event::SpeechStopped => self.caller_speaking = false,
             Event::SpeechStarted => {
+                self.caller_speaking = true;
                 let in_flight = self.in_flight.clone();
                 out.push(Action::Clear {
                     in_flight: in_flight.as_deref().map(Arc::from),
@@ -191,7 +217,10 @@ impl Turns {
                     });
                 }
             }
-            Event::ResponseCreated { response_id } => self.in_flight = Some(response_id),
+            Event::ResponseCreated { response_id } => {
+                self.response_asked = false;
+                self.in_flight = Some(response_id)
+            }
             Event::ResponseDone { response_id } => {
                 if self.in_flight.as_deref() == Some(response_id.as_str()) {
                     self.in_flight = None;
@@ -210,6 +239,7 @@ impl Turns {
                     self.held_text.push(text);
                 }
                 if self.cfg.dtmf_response_delay_ms > 0 {
+                    self.dtmf_pending = true;
                     self.dtmf_generation += 1;
                     out.push(Action::ScheduleDtmfQuiet {
                         generation: self.dtmf_generation,
@@ -228,6 +258,7 @@ impl Turns {
                 if generation != self.dtmf_generation {
                     return; // another digit came since: its own timer will fire
                 }
+                self.dtmf_pending = false;
                 if self.in_flight.is_none() && self.upstream_ready {
                     out.push(Action::CreateResponse { instructions: None });
                 } else {
@@ -235,6 +266,16 @@ impl Turns {
                 }
             }
         }
+    }
+
+    /// Between turns: no response in flight or wanted, the caller not speaking, no digits
+    /// waiting for their answer. A session can be swapped here without cutting anyone off.
+    pub fn between_turns(&self) -> bool {
+        self.in_flight.is_none()
+            && !self.response_asked
+            && !self.caller_speaking
+            && !self.response_wanted
+            && !self.dtmf_pending
     }
 
     /// The response being generated, if any.
@@ -452,6 +493,36 @@ mod tests {
         assert_eq!(
             run(&mut t, Event::SpeechStarted),
             vec![Action::Clear { in_flight: None }]
+        );
+    }
+
+    #[test]
+    fn between_turns_only_when_nobody_speaks_and_nothing_is_owed() {
+        let mut t = ready(false);
+        assert!(t.between_turns());
+        run(&mut t, Event::SpeechStarted);
+        assert!(!t.between_turns(), "the caller is speaking");
+        run(&mut t, Event::SpeechStopped);
+        assert!(t.between_turns());
+        run(&mut t, created("r1"));
+        assert!(!t.between_turns(), "a response is in flight");
+        run(&mut t, done("r1"));
+        assert!(t.between_turns());
+        run(&mut t, Event::Dtmf { digit: "5".into() });
+        assert!(!t.between_turns(), "a digit waits for its answer");
+        run(&mut t, Event::DtmfQuiet { generation: 1 });
+        assert!(
+            !t.between_turns(),
+            "the response for the digit is owed or in flight"
+        );
+        run(&mut t, created("r2"));
+        run(&mut t, done("r2"));
+        assert!(t.between_turns());
+        run(&mut t, Event::SpeechStarted);
+        run(&mut t, Event::UpstreamLost);
+        assert!(
+            t.between_turns(),
+            "a lost session forgets the speech it heard"
         );
     }
 }
