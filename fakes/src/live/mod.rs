@@ -128,6 +128,15 @@ impl LiveError {
         self
     }
 
+    /// The one code the SDK documents (§13), e.g. for `session.voice`.
+    pub fn unknown_parameter(param: &str) -> LiveError {
+        LiveError::invalid_request(
+            "unknown_parameter",
+            &format!("Unknown parameter: '{param}'."),
+        )
+        .with_param(param)
+    }
+
     pub fn invalid_api_key() -> LiveError {
         LiveError::invalid_request(
             "invalid_api_key",

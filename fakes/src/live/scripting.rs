@@ -626,7 +626,9 @@ impl AudioStream {
         let shared = Arc::new(StreamShared::default());
         let task = shared.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(frame_bytes as u64 / 8));
+            // µ-law: 8 bytes a ms (a zero period would make `interval` panic).
+            let period = Duration::from_millis((frame_bytes as u64 / 8).max(1));
+            let mut tick = tokio::time::interval(period);
             for frame in audio.chunks(frame_bytes) {
                 tick.tick().await;
                 let Some(core) = core.upgrade() else { break };

@@ -528,11 +528,15 @@ impl SessionState {
     /// Runs a timer the connection scheduled.
     pub(crate) fn fire(&mut self, timer: Timer) -> Handled {
         let mut handled = Handled::default();
+        if self.closed {
+            // Nobody to answer: the socket is gone.
+            return handled;
+        }
         match timer {
             Timer::Started => self.send_started(&mut handled),
             Timer::Closed => self.send_closed("close_requested"),
             Timer::Expire => {
-                if self.started_sent && !self.closed {
+                if self.started_sent {
                     self.send_closed("expired");
                 }
             }

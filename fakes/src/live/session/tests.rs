@@ -432,7 +432,7 @@ fn input_history_rules_and_limits() {
             "session.input[0].role",
         ),
         (
-            format!(r#"{{"role":"user","content":[{{"text":"a"}},{{"text":"b"}}]}}"#),
+            r#"{"role":"user","content":[{"text":"a"},{"text":"b"}]}"#.into(),
             "invalid_value",
             "session.input[0].content",
         ),
@@ -483,7 +483,7 @@ fn input_history_rules_and_limits() {
         ),
     ] {
         let mut h = harness(None);
-        let error = h.rejects(&with_input(&[item.clone()]), code);
+        let error = h.rejects(&with_input(std::slice::from_ref(&item)), code);
         assert_eq!(error["error"]["param"], param, "for {item}");
     }
 
@@ -907,6 +907,14 @@ fn expiry() {
     assert_eq!(events[0]["type"], "session.closed");
     assert_eq!(events[0]["reason"], "expired");
     assert!(h.records(&append(&frame_b64())).is_empty());
+
+    // Timers of a connection that is gone answer nothing.
+    let mut h = Harness::started();
+    h.st.closer = Some(Closer::Fake);
+    h.st.socket_ended();
+    h.st.fire(Timer::Expire);
+    assert!(h.events().is_empty());
+    assert_eq!(h.st.closed_reason, None);
 }
 
 /// The socket's end: a started session must be ended with `session.close` (§0.6).
