@@ -1,6 +1,9 @@
 //! callbridge-fakes: independent stand-ins for callbridge's peers, shared by the end-to-end
 //! tests (`tests/support`) and the simulator (`callbridge-sim`).
 //!
+//! - [`live`]: THE fake GPT-Live server (`reference/gpt-live.md`), as strict about the service
+//!   as the Realtime one: scripted through [`live::FakeLiveSession`], or in echo mode
+//!   ([`live::serve_live`], [`live::FakeLive::start_echo`]) for the simulator.
 //! - [`openai`]: THE fake OpenAI Realtime GA server (`reference/protocols.md` B1–B6), strict
 //!   about everything the service sends. Scripted by a test through [`openai::FakeSession`],
 //!   or in echo mode ([`openai::serve`], [`openai::FakeOpenAi::start_echo`]) as the
@@ -18,7 +21,9 @@
 //! crate's strict standard engine, signatures with `hmac` + `sha1` directly, µ-law with the
 //! code in [`g711`].
 
+mod checks;
 pub mod g711;
+pub mod live;
 pub mod openai;
 pub mod playback;
 pub mod twilio;
@@ -36,4 +41,10 @@ pub fn clip(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}… ({} bytes)", &text[..end], text.len())
+}
+
+/// Locks, ignoring poisoning: a panicking test must not turn every later check into a
+/// `PoisonError` that hides the real failure.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

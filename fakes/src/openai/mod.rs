@@ -74,7 +74,8 @@ impl Default for EchoConfig {
 pub struct FakeStats {
     pub sessions_opened: AtomicU64,
     pub sessions_open: AtomicU64,
-    /// Valid `input_audio_buffer.append`s.
+    /// Valid audio appends (`input_audio_buffer.append`; the Live fake counts
+    /// `session.input_audio.append`).
     pub appends: AtomicU64,
     /// `error` events sent.
     pub errors_sent: AtomicU64,
@@ -82,8 +83,4 @@ pub struct FakeStats {
     pub violations: AtomicU64,
 }
 
-/// Locks, ignoring poisoning: a panicking test must not turn every later check into a
-/// `PoisonError` that hides the real failure.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::lock;

@@ -6,6 +6,9 @@
 use base64::prelude::*;
 use serde_json::{json, Map, Value};
 
+use crate::checks::{boolean, check_keys, join, non_negative_int, one_of};
+pub(crate) use crate::checks::{invalid_type, missing, object, string, unknown, Checked, Reject};
+
 /// Voices the GA API accepts by name (B2).
 const VOICES: &[&str] = &[
     "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar",
@@ -55,123 +58,13 @@ const RESPONSE_KEYS: &[&str] = &[
     "metadata",
 ];
 
-/// A rejected client event: becomes an `error` event and a violation.
-#[derive(Debug)]
-pub(crate) struct Reject {
-    pub(crate) code: String,
-    pub(crate) message: String,
-    pub(crate) param: Option<String>,
-}
-
-pub(crate) type Checked = Result<(), Reject>;
-
+// An inherent method of the shared type, kept beside the Realtime checks whose wire shape it
+// is (the Live fake builds its own).
 impl Reject {
-    pub(crate) fn new(code: &str, message: String, param: Option<&str>) -> Reject {
-        Reject {
-            code: code.into(),
-            message,
-            param: param.map(str::to_owned),
-        }
-    }
-
-    pub(crate) fn invalid_value(param: &str, message: String) -> Reject {
-        Reject::new("invalid_value", message, Some(param))
-    }
-
     /// The B4 error event shape; `event_id` of the failed client event is echoed.
     pub(crate) fn to_event(&self, client_event_id: Option<&str>) -> Value {
         json!({"type": "error", "error": {"type": "invalid_request_error", "code": self.code,
             "message": self.message, "param": self.param, "event_id": client_event_id}})
-    }
-}
-
-pub(crate) fn unknown(param: &str) -> Reject {
-    Reject::new(
-        "unknown_parameter",
-        format!("Unknown parameter: '{param}'."),
-        Some(param),
-    )
-}
-
-pub(crate) fn missing(param: &str) -> Reject {
-    Reject::new(
-        "missing_required_parameter",
-        format!("Missing required parameter: '{param}'."),
-        Some(param),
-    )
-}
-
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-pub(crate) fn invalid_type(param: &str, expected: &str, got: &Value) -> Reject {
-    Reject::new(
-        "invalid_type",
-        format!(
-            "Invalid type for '{param}': expected {expected}, but got {}.",
-            kind_of(got)
-        ),
-        (!param.is_empty()).then_some(param),
-    )
-}
-
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{prefix}.{key}")
-    }
-}
-
-fn check_keys(obj: &Map<String, Value>, allowed: &[&str], prefix: &str) -> Checked {
-    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(unknown(&join(prefix, k))),
-        None => Ok(()),
-    }
-}
-
-pub(crate) fn object<'a>(v: &'a Value, param: &str) -> Result<&'a Map<String, Value>, Reject> {
-    v.as_object()
-        .ok_or_else(|| invalid_type(param, "an object", v))
-}
-
-pub(crate) fn string<'a>(v: &'a Value, param: &str) -> Result<&'a str, Reject> {
-    v.as_str().ok_or_else(|| invalid_type(param, "a string", v))
-}
-
-fn boolean(v: &Value, param: &str) -> Checked {
-    v.as_bool()
-        .map(|_| ())
-        .ok_or_else(|| invalid_type(param, "a boolean", v))
-}
-
-fn non_negative_int(v: &Value, param: &str) -> Checked {
-    v.as_u64()
-        .map(|_| ())
-        .ok_or_else(|| invalid_type(param, "a non-negative integer", v))
-}
-
-fn one_of(v: &Value, param: &str, allowed: &[&str]) -> Checked {
-    let s = string(v, param)?;
-    if allowed.contains(&s) {
-        Ok(())
-    } else {
-        let list: Vec<String> = allowed.iter().map(|a| format!("'{a}'")).collect();
-        Err(Reject::invalid_value(
-            param,
-            format!(
-                "Invalid value: '{s}'. Supported values are: {}.",
-                list.join(", ")
-            ),
-        ))
     }
 }
 
