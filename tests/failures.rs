@@ -5,7 +5,9 @@ mod support;
 use std::time::Duration;
 
 use actix_web::rt::time::sleep;
-use support::{openai_settings, spawn_app, test_settings, tone_frames, FakeOpenAi, FakeTwilio};
+use support::{
+    openai_settings, spawn_app, test_settings, tone_frames, FakeOpenAi, FakeTwilio, MarkMode,
+};
 
 /// The caller hangs up (Twilio `stop`, then close): the OpenAI socket is closed and the call
 /// leaves the registry.
@@ -401,4 +403,91 @@ async fn handshake_statuses_are_classified() {
         let attempts = if permanent { 1 } else { 3 };
         assert_eq!(fake.connection_count(), attempts, "HTTP {status}");
     }
+}
+
+/// With `call.hold_audio`, the caller hears the clip (looped, paced: never far ahead of real
+/// time) while the AI leg restarts; when the new leg is ready it stops, Twilio's buffer of it
+/// is cleared, and the new leg's audio follows with no hold audio after it.
+#[actix_web::test]
+async fn hold_audio_plays_while_the_ai_leg_restarts() {
+    // 200 ms of distinct frames: each 20 ms frame is one byte value.
+    let clip: Vec<u8> = (0..1_600).map(|i| 0x20 + (i / 160) as u8).collect();
+    let dir = std::env::temp_dir().join(format!("callbridge-hold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("hold.wav");
+    std::fs::write(&path, callbridge_sim::audio::write_wav_mulaw(&clip)).unwrap();
+
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.call.hold_audio = path.to_string_lossy().into_owned();
+    settings.openai.restart_backoff_ms = 1_000; // with jitter: 500 to 1000 ms
+    settings.openai.restart_backoff_max_ms = 1_000;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    caller.set_mark_mode(MarkMode::Manual); // Twilio still has the hold audio when it stops
+    let mut first = fake.next_session().await;
+    caller.start_call("MZhold", "CAhold", &[]).await;
+    first.recv_event("session.update").await;
+    assert!(
+        caller.received_audio().is_empty(),
+        "hold audio before any restart"
+    );
+
+    first.drop_connection();
+    let lost = std::time::Instant::now();
+    let heard = caller.recv_audio_bytes(clip.len()).await;
+    assert!(
+        heard[..clip.len()] == clip[..],
+        "the hold clip, from its start"
+    );
+    let mut second = fake.next_session().await;
+    second.recv_event("session.update").await;
+    let restart_ms = lost.elapsed().as_millis() as usize;
+    caller.wait_clear().await;
+    let at_clear = caller.received_audio();
+    let looped: Vec<u8> = clip.iter().copied().cycle().take(at_clear.len()).collect();
+    assert!(at_clear == looped, "hold audio is the clip, looped");
+    assert!(
+        at_clear.len() <= (restart_ms + 500 + 300) * 8,
+        "{} ms of hold audio sent in a {restart_ms} ms restart: not paced",
+        at_clear.len() / 8
+    );
+
+    second.start_response("r1", "i1");
+    second.audio_delta_bytes("r1", "i1", &[0x77; 320]);
+    caller.recv_audio_bytes(at_clear.len() + 320).await;
+    sleep(Duration::from_millis(600)).await;
+    let after: Vec<u8> = caller.received_audio()[at_clear.len()..].to_vec();
+    assert_eq!(
+        after,
+        vec![0x77; 320],
+        "only the new leg's audio after the hold"
+    );
+    caller.hang_up().await;
+    std::fs::remove_dir_all(&dir).ok();
+    fake.assert_no_violations();
+    caller.assert_no_violations();
+}
+
+/// A hold audio file that is not 8 kHz μ-law stops start-up with a message naming the key.
+#[actix_web::test]
+async fn a_bad_hold_audio_file_stops_start_up() {
+    let dir = std::env::temp_dir().join(format!("callbridge-badhold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("hold.wav");
+    std::fs::write(
+        &path,
+        callbridge_sim::audio::write_wav_pcm16(&[0i16; 800], 16_000),
+    )
+    .unwrap();
+    for file in [path.clone(), dir.join("missing.wav")] {
+        let mut settings = test_settings();
+        settings.call.hold_audio = file.to_string_lossy().into_owned();
+        let err = match callbridge::Application::build(settings).await {
+            Ok(_) => panic!("started with hold audio {file:?}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("call.hold_audio"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

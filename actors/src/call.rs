@@ -467,6 +467,7 @@ impl CallActor {
             .route
             .send(RouteCallerAudio {
                 to: Some(new.audio.clone()),
+                hold: false,
             })
             .into_actor(self)
             .map(|_, act, _| act.retire_old_leg())
@@ -516,6 +517,7 @@ impl CallActor {
         // Caller audio goes leg to leg from now on.
         self.twilio.route.do_send(RouteCallerAudio {
             to: Some(leg.audio.clone()),
+            hold: false,
         });
         self.schedule_rollover(leg_no, ctx);
         if leg_no == 0 {
@@ -538,8 +540,6 @@ impl CallActor {
     }
 
     fn on_leg_closed(&mut self, failure: LegFailure, ctx: &mut Context<Self>) {
-        // Stop audio at the source first: the Twilio leg holds caller audio until a new leg.
-        self.twilio.route.do_send(RouteCallerAudio { to: None });
         self.leg = None;
         // A rollover in progress is abandoned: the restart opens a session of its own.
         self.rollover_due = false;
@@ -551,7 +551,14 @@ impl CallActor {
             self.replay_upto = self.transcript.len();
         }
         let budget = self.restarts.max_restarts();
-        match self.restarts.on_leg_lost(&failure, ready_for, jitter()) {
+        let decision = self.restarts.on_leg_lost(&failure, ready_for, jitter());
+        // Stop audio at the source first: the Twilio leg holds caller audio until a new leg,
+        // and plays the hold audio meanwhile if a new leg is coming.
+        self.twilio.route.do_send(RouteCallerAudio {
+            to: None,
+            hold: matches!(decision, Decision::Restart { .. }),
+        });
+        match decision {
             Decision::Permanent => {
                 log::error!(
                     "{} AI leg failed: {failure}; not retried: {}. The caller gets the fallback.",

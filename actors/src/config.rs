@@ -5,7 +5,9 @@
 //! default so `cargo run` works on a fresh machine, and `validate` names the key and the
 //! problem so a bad file stops start-up with a message an operator can act on.
 
+use bytes::Bytes;
 use serde::Deserialize;
+use std::sync::Arc;
 
 /// A setting that cannot be used, named by its full key (`openai.url`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -231,6 +233,9 @@ pub struct CallConfig {
     pub openai_queue_ms: u64,
     /// A media stream that sends no `start` within this long is closed (with its AI leg), ms.
     pub start_timeout_ms: u64,
+    /// A WAV file of 8 kHz mono μ-law played (looped) to the caller while the AI leg restarts;
+    /// empty: silence.
+    pub hold_audio: String,
 }
 
 impl Default for CallConfig {
@@ -251,11 +256,38 @@ impl Default for CallConfig {
             twilio_queue_ms: 15_000,
             openai_queue_ms: 2_000,
             start_timeout_ms: 5_000,
+            hold_audio: String::new(),
         }
     }
 }
 
 impl CallConfig {
+    /// The hold audio as 20 ms base64 payloads ready for Twilio, or `None` when none is set.
+    /// Reads the file: an unreadable file or one in another format stops start-up.
+    pub fn load_hold_audio(&self) -> Result<Option<Arc<[Bytes]>>, ConfigError> {
+        use base64::Engine as _;
+        if self.hold_audio.trim().is_empty() {
+            return Ok(None);
+        }
+        let path = self.hold_audio.trim();
+        let file = std::fs::read(path).map_err(|e| {
+            ConfigError::new("call.hold_audio", format!("cannot read {path:?}: {e}"))
+        })?;
+        let samples = crate::protocol::wav::read_mulaw_8k(&file)
+            .map_err(|e| ConfigError::new("call.hold_audio", format!("{path:?}: {e}")))?;
+        let frame = 20 * crate::session::BYTES_PER_MS as usize;
+        let chunks: Vec<Bytes> = samples
+            .chunks(frame)
+            .map(|chunk| {
+                // The last frame is padded with μ-law silence: Twilio plays whole frames best.
+                let mut full = chunk.to_vec();
+                full.resize(frame, 0xFF);
+                Bytes::from(base64::engine::general_purpose::STANDARD.encode(full))
+            })
+            .collect();
+        Ok(Some(chunks.into()))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.mark_interval_ms > 1_000 {
             return Err(ConfigError::new(

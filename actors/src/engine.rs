@@ -31,6 +31,8 @@ struct Inner {
     api_key: Option<SecretString>,
     /// The Twilio auth token, when signatures are checked: keys the per-call stream tokens.
     stream_key: Option<Arc<SecretString>>,
+    /// `call.hold_audio`, read at start-up, in 20 ms payloads.
+    hold_audio: Option<Arc<[bytes::Bytes]>>,
     next_instance: AtomicU64,
     /// Media streams open now (a call's actor from start to stop), for `server.max_calls`.
     live: AtomicUsize,
@@ -50,6 +52,7 @@ impl Engine {
     ) -> Result<Self, ConfigError> {
         openai.validate()?;
         call.validate()?;
+        let hold_audio = call.load_hold_audio()?;
         if upstream == UpstreamKind::OpenAi && api_key.is_none() {
             return Err(ConfigError::new(
                 "upstream",
@@ -68,6 +71,7 @@ impl Engine {
                 upstream,
                 api_key,
                 stream_key: stream_key.map(Arc::new),
+                hold_audio,
                 next_instance: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
                 draining: AtomicBool::new(false),
@@ -160,8 +164,11 @@ impl Engine {
             req,
             payload,
             &self.inner.call,
-            track_marks,
-            self.inner.stream_key.clone(),
+            twilio_stream::StreamOptions {
+                track_marks,
+                stream_key: self.inner.stream_key.clone(),
+                hold_audio: self.inner.hold_audio.clone(),
+            },
             |twilio, counters| CallActor::new(engine, instance, twilio, counters),
         )
     }

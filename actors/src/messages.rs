@@ -181,6 +181,9 @@ pub struct Dtmf {
 #[rtype(result = "()")]
 pub struct RouteCallerAudio {
     pub to: Option<Recipient<AudioIn>>,
+    /// With `to: None`: the AI leg is restarting, play the hold audio (`call.hold_audio`) until
+    /// a leg is routed again or speaks.
+    pub hold: bool,
 }
 
 /// CallActor → TwilioStreamActor: barge-in. Drop the caller's queued audio (`clear` to Twilio

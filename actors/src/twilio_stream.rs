@@ -97,6 +97,36 @@ impl TwilioPort {
     }
 }
 
+/// Hold audio queued ahead of what has played, at most (Twilio plays it in real time).
+const HOLD_AHEAD_MS: u64 = 500;
+
+/// `call.hold_audio`, played (looped) while the AI leg restarts.
+#[derive(Default)]
+struct Hold {
+    /// The clip in 20 ms payloads; `None`: no hold audio configured.
+    clip: Option<Arc<[Bytes]>>,
+    /// Asked for (a restart began); it plays once the stream has started.
+    wanted: bool,
+    /// Playing since, and how many ms of it were queued.
+    playing: Option<(Instant, u64)>,
+    /// The clip's next frame.
+    next: usize,
+    /// The id under which hold audio goes through the playback queue.
+    id: Option<Arc<str>>,
+}
+
+/// How a Twilio leg is set up beyond the call settings.
+#[derive(Default)]
+pub struct StreamOptions {
+    /// Marks (and the playback budget they measure) are only needed where a barge-in can
+    /// truncate: with OpenAI, not with the echo.
+    pub track_marks: bool,
+    /// The Twilio auth token when signatures are checked: `start` must carry the stream token.
+    pub stream_key: Option<Arc<SecretString>>,
+    /// `call.hold_audio` in 20 ms payloads: played while the AI leg restarts.
+    pub hold_audio: Option<Arc<[Bytes]>>,
+}
+
 /// Upgrades `req` to the Media Streams websocket and starts the leg and the call that owns it:
 /// `make_call` builds the call given how to reach its leg and the call's shared counters.
 /// Returns the 101 response, or the handshake error as an HTTP error (no actor is started).
@@ -104,8 +134,7 @@ pub fn accept<A>(
     req: &HttpRequest,
     payload: actix_web::web::Payload,
     cfg: &CallConfig,
-    track_marks: bool,
-    stream_key: Option<Arc<SecretString>>,
+    options: StreamOptions,
     make_call: impl FnOnce(TwilioPort, Arc<CallCounters>) -> A,
 ) -> Result<HttpResponse, actix_web::Error>
 where
@@ -124,8 +153,9 @@ where
         dtmf: call.clone().recipient(),
         stop: call.recipient(),
     };
-    let mut leg = TwilioStreamActor::new(port, session, counters.clone(), cfg, track_marks);
-    leg.stream_key = stream_key;
+    let mut leg = TwilioStreamActor::new(port, session, counters.clone(), cfg, options.track_marks);
+    leg.stream_key = options.stream_key;
+    leg.hold.clip = options.hold_audio;
     leg_ctx.add_stream(stream);
     let leg_port = TwilioPort::of(&leg_ctx.address());
     leg_ctx.run(leg);
@@ -264,6 +294,7 @@ pub struct TwilioStreamActor {
     /// The Twilio auth token when signatures are checked: `start` must then carry the stream
     /// token of its `callSid` (see [`signature::stream_token`]).
     stream_key: Option<Arc<SecretString>>,
+    hold: Hold,
 }
 
 impl TwilioStreamActor {
@@ -312,6 +343,7 @@ impl TwilioStreamActor {
             ending: false,
             call_told: false,
             stream_key: None,
+            hold: Hold::default(),
         }
     }
 
@@ -431,6 +463,9 @@ impl TwilioStreamActor {
                 }
                 // Control: `do_send`, as the call's decisions must not be lost to a full mailbox.
                 self.call.started.do_send(StreamStarted { start });
+                if self.hold.wanted {
+                    self.start_hold(ctx); // the AI leg was lost before the stream started
+                }
             }
             Ok(TwilioEvent::Connected) => log::debug!("{} Twilio connected", self.label),
             Ok(TwilioEvent::Stop) => {
@@ -479,6 +514,70 @@ impl TwilioStreamActor {
                 }
             }
         }
+    }
+
+    /// The AI leg is restarting: play the hold audio, if there is one, until it is back.
+    fn start_hold(&mut self, ctx: &mut Context<Self>) {
+        self.hold.wanted = self.hold.clip.is_some();
+        if !self.hold.wanted || !self.started || self.hold.playing.is_some() {
+            return;
+        }
+        log::debug!(
+            "{} playing hold audio while the AI leg restarts",
+            self.label
+        );
+        self.hold.playing = Some((Instant::now(), 0));
+        self.hold.next = 0;
+        self.top_up_hold(ctx);
+    }
+
+    /// Keeps [`HOLD_AHEAD_MS`] of hold audio queued ahead of real time.
+    fn top_up_hold(&mut self, ctx: &mut Context<Self>) {
+        let Some((since, queued_ms)) = &mut self.hold.playing else {
+            return;
+        };
+        let Some(clip) = &self.hold.clip else { return };
+        let id = self
+            .hold
+            .id
+            .get_or_insert_with(|| Arc::from("hold-audio"))
+            .clone();
+        let target = since.elapsed().as_millis() as u64 + HOLD_AHEAD_MS;
+        while *queued_ms < target {
+            let payload = clip[self.hold.next % clip.len()].clone();
+            self.hold.next = (self.hold.next + 1) % clip.len();
+            *queued_ms += 20;
+            self.writer.playback.push(Chunk {
+                response_id: id.clone(),
+                item_id: id.clone(),
+                payload,
+                bytes: 20 * BYTES_PER_MS as u32,
+            });
+        }
+        self.writer.publish();
+        self.flush(ctx);
+    }
+
+    /// The AI leg is back (or speaks): stop the hold audio, and drop what Twilio still has of it.
+    fn stop_hold(&mut self, ctx: &mut Context<Self>) {
+        self.hold.wanted = false;
+        if self.hold.playing.take().is_none() {
+            return;
+        }
+        let writer = &mut self.writer;
+        writer.publish();
+        let outcome = writer.playback.clear(None);
+        // Hold audio is not caller or assistant audio: its drop is not counted as interrupted.
+        let _ = writer.playback.take_counts();
+        writer.mark_after = None;
+        writer.echo_awaited_since = None;
+        if outcome.cleared {
+            writer.urgent.push_back(Outgoing::Clear);
+        }
+        writer.playback.session_lost();
+        writer.publish();
+        log::debug!("{} hold audio stopped", self.label);
+        self.flush(ctx);
     }
 
     /// Closes the socket after what is urgent, and stops reading.
@@ -536,6 +635,7 @@ impl TwilioStreamActor {
     }
 
     fn check(&mut self, ctx: &mut Context<Self>) {
+        self.top_up_hold(ctx);
         let elapsed = |t: Option<Instant>| t.map(|since| since.elapsed()).unwrap_or_default();
         let blocked_for = elapsed(self.writing.map(|(since, _)| since));
         let echo_awaited_for = elapsed(self.writer.echo_awaited_since);
@@ -657,6 +757,7 @@ impl Handler<AudioOut> for TwilioStreamActor {
     type Result = ();
 
     fn handle(&mut self, msg: AudioOut, ctx: &mut Context<Self>) {
+        self.stop_hold(ctx); // the new leg speaks
         let writer = &mut self.writer;
         writer.playback.push(Chunk {
             response_id: msg.response_id,
@@ -673,11 +774,16 @@ impl Handler<AudioOut> for TwilioStreamActor {
 impl Handler<RouteCallerAudio> for TwilioStreamActor {
     type Result = ();
 
-    fn handle(&mut self, msg: RouteCallerAudio, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: RouteCallerAudio, ctx: &mut Context<Self>) {
         let routed = msg.to.is_some();
         self.ai = msg.to;
-        if !routed {
+        if routed {
+            self.stop_hold(ctx); // the new leg is ready
+        } else {
             self.writer.playback.session_lost();
+            if msg.hold {
+                self.start_hold(ctx);
+            }
         }
         let mut forward = std::mem::take(&mut self.forward);
         self.inbound.set_routed(routed, &mut forward);

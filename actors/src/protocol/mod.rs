@@ -9,6 +9,7 @@ pub mod openai;
 pub mod signature;
 pub mod twilio;
 pub mod twiml;
+pub mod wav;
 
 /// A JSON string that borrows from the frame when it has no escapes. Serde borrows a bare
 /// `Cow<str>` field marked `#[serde(borrow)]` but not one inside an `Option`; this wrapper makes
