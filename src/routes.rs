@@ -328,8 +328,13 @@ fn check_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
+    // A request relayed by a proxy on this host comes from a loopback peer but not from this
+    // host: with forwarding headers, the peer does not count as local.
+    let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
+        .iter()
+        .any(|h| req.headers().contains_key(*h));
     admin_access(
-        req.peer_addr().map(|a| a.ip()),
+        req.peer_addr().map(|a| a.ip()).filter(|_| !forwarded),
         state
             .settings
             .secrets

@@ -491,3 +491,41 @@ async fn a_bad_hold_audio_file_stops_start_up() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Garbage from OpenAI (not UTF-8 JSON, JSON of no known shape, a known event missing its
+/// fields, an audio delta that is not base64) is logged and counted as an upstream error; the
+/// session, the call and the audio go on, and nothing of it reaches the caller.
+#[actix_web::test]
+async fn garbage_frames_from_openai_are_counted_and_survived() {
+    let fake = FakeOpenAi::start().await;
+    let app = spawn_app(openai_settings(&fake)).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZjunk", "CAjunk", &[]).await;
+    session.recv_event("session.update").await;
+    session.send_raw_text("\u{0}\u{1}garbage{");
+    session.send_raw_text("[1,2,3]");
+    session.send_raw_text(r#"{"type":"response.created"}"#);
+    session.send(serde_json::json!({
+        "type": "response.output_audio.delta",
+        "response_id": "rx", "item_id": "ix", "output_index": 0, "content_index": 0,
+        "delta": "not base64!"
+    }));
+    session.send_raw_text(&"x".repeat(10_000));
+    app.wait_call("CAjunk", "five upstream errors", |c| {
+        c["upstream_errors"] == 5
+    })
+    .await;
+
+    session.start_response("r1", "i1");
+    session.audio_delta_bytes("r1", "i1", &[0x44; 320]);
+    assert_eq!(caller.recv_audio_bytes(320).await, vec![0x44; 320]);
+    caller.send_media(&[0x12; 160]).await;
+    session.wait_appended_bytes(160).await;
+    let call = app.call("CAjunk").await;
+    assert_eq!(call["upstream_restarts"], 0, "{call}");
+    assert_eq!(call["state"], "active", "{call}");
+    assert_eq!(fake.session_count(), 1);
+    caller.hang_up().await;
+    caller.assert_no_violations();
+}

@@ -387,3 +387,70 @@ async fn voice_without_a_valid_call_sid_is_refused() {
         assert!(body.contains("CallSid"), "{body}");
     }
 }
+
+/// A local address of this machine that is not loopback, if it has one: the source address of
+/// a route to a non-local destination (a UDP `connect` sends nothing).
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    [
+        "192.0.2.1:9",
+        "10.255.255.254:9",
+        "172.31.255.254:9",
+        "192.168.255.254:9",
+    ]
+    .iter()
+    .find_map(|dest| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        socket.connect(dest).ok()?;
+        let ip = socket.local_addr().ok()?.ip();
+        (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+    })
+}
+
+/// Without an admin token, `/calls` answers the local host only: a request from another
+/// address (this machine's own non-loopback address, the service listening on all of them)
+/// gets 401 with a JSON error, and so does a local request relayed by a proxy (forwarding
+/// headers). `/health` answers both.
+#[actix_web::test]
+async fn without_an_admin_token_calls_answer_loopback_peers_only() {
+    let mut settings = test_settings();
+    settings.server.host = "0.0.0.0".into();
+    let app = spawn_app(settings).await;
+
+    let (status, _) = app.get_json("/calls").await;
+    assert_eq!(status, 200, "loopback peer");
+    let (status, body) = app
+        .get_json_with("/calls", &[("X-Forwarded-For", "203.0.113.9")])
+        .await;
+    assert_eq!(status, 401, "relayed by a local proxy: {body}");
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("CALLBRIDGE_ADMIN_TOKEN"));
+
+    let Some(ip) = non_loopback_address() else {
+        // The peer check itself is unit-tested in src/routes.rs.
+        eprintln!("no non-loopback address on this machine: the remote-peer half is skipped");
+        return;
+    };
+    let url = |path: &str| format!("http://{ip}:{}{path}", app.port);
+    for path in ["/calls", "/calls/CA1"] {
+        let mut res = awc::Client::default()
+            .get(url(path))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .expect("answered");
+        assert_eq!(res.status().as_u16(), 401, "{path} from {ip}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("local host"),
+            "{body}"
+        );
+    }
+    let res = awc::Client::default()
+        .get(url("/health"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(res.status().as_u16(), 200, "/health from {ip}");
+}

@@ -9,11 +9,13 @@ use base64::Engine as _;
 use bytes::Bytes;
 use proptest::prelude::*;
 
-use callbridge_actors::protocol::{base64_audio_len, openai, twilio, twiml};
+use callbridge_actors::messages::ClearOutcome;
+use callbridge_actors::protocol::{base64_audio_len, openai, signature, twilio, twiml};
 use callbridge_actors::session::inbound::{Inbound, InboundConfig, JITTER_ALLOWANCE_MS};
 use callbridge_actors::session::playback::{
     Chunk, Playback, PlaybackConfig, Wire, MAX_PENDING_MARKS,
 };
+use callbridge_actors::session::turns::{Action, Event, Turns, TurnsConfig, MAX_HELD_TEXT};
 
 /// Twilio-shaped JSON with its fields mutated: the parser must answer, never panic.
 fn twilio_like() -> impl Strategy<Value = String> {
@@ -150,6 +152,151 @@ proptest! {
             prop_assert!(p.marks_pending() <= MAX_PENDING_MARKS);
             // Sent and unconfirmed audio never exceeds the budget by more than one chunk.
             prop_assert!(p.unconfirmed_ms() * 8 <= 16_000 + 2_000);
+        }
+    }
+}
+
+/// Arbitrary form parameters, repeated names and non-ASCII included.
+fn params() -> impl Strategy<Value = Vec<(String, String)>> {
+    proptest::collection::vec(("[A-Za-z]{1,8}", ".{0,20}"), 0..6)
+}
+
+proptest! {
+    #[test]
+    fn a_signature_validates_for_its_request_only(
+        token in "[a-f0-9]{1,40}",
+        path in "[a-z/]{0,20}",
+        params in params(),
+        flip in any::<usize>(),
+    ) {
+        let url = format!("https://bridge.example.com/{path}");
+        let sig = signature::compute(&token, &url, &params);
+        prop_assert!(signature::validate(&token, &url, &params, &sig));
+        // The default port written out is the same URL to Twilio.
+        let with_port = format!("https://bridge.example.com:443/{path}");
+        prop_assert!(signature::validate(&token, &with_port, &params, &sig));
+        // Any other URL, token or parameter set fails.
+        let other_url = format!("{url}x");
+        prop_assert!(!signature::validate(&token, &other_url, &params, &sig));
+        let other_token = format!("{token}0");
+        prop_assert!(!signature::validate(&other_token, &url, &params, &sig));
+        let mut more = params.clone();
+        more.push(("Extra".into(), "1".into()));
+        prop_assert!(!signature::validate(&token, &url, &more, &sig));
+        // One bit of the MAC flipped fails.
+        let mut raw = base64::engine::general_purpose::STANDARD.decode(&sig).unwrap();
+        let at = flip % raw.len();
+        raw[at] ^= 1 << (flip % 8);
+        let flipped = base64::engine::general_purpose::STANDARD.encode(&raw);
+        prop_assert!(!signature::validate(&token, &url, &params, &flipped));
+    }
+
+    #[test]
+    fn signature_headers_of_any_shape_are_refused_without_panic(header in ".{0,64}") {
+        let url = "https://bridge.example.com/voice";
+        let good = signature::compute("tok", url, &[]);
+        prop_assert_eq!(signature::validate("tok", url, &[], &header), header.trim() == good);
+    }
+
+    #[test]
+    fn a_stream_token_is_valid_for_its_own_call_only(
+        key in "[a-f0-9]{8,32}",
+        sid in "CA[a-f0-9]{32}",
+        other in "CA[a-f0-9]{32}",
+        garbage in ".{0,40}",
+    ) {
+        let token = signature::stream_token(&key, &sid);
+        prop_assert!(signature::stream_token_valid(&key, &sid, &token));
+        prop_assert_eq!(signature::stream_token_valid(&key, &other, &token), other == sid);
+        let other_key = format!("{key}x");
+        prop_assert!(!signature::stream_token_valid(&other_key, &sid, &token));
+        prop_assert_eq!(signature::stream_token_valid(&key, &sid, &garbage), garbage == token);
+    }
+}
+
+/// Any event the call can feed the turns machine.
+fn turn_event() -> impl Strategy<Value = Event> {
+    let id = prop_oneof![Just("r1"), Just("r2"), Just("r3")].prop_map(String::from);
+    prop_oneof![
+        Just(Event::UpstreamReady),
+        Just(Event::UpstreamLost),
+        Just(Event::SpeechStarted),
+        Just(Event::SpeechStopped),
+        id.clone()
+            .prop_map(|response_id| Event::ResponseCreated { response_id }),
+        id.clone()
+            .prop_map(|response_id| Event::ResponseDone { response_id }),
+        id.clone()
+            .prop_map(|response_id| Event::CancelCheck { response_id }),
+        "[0-9*#]".prop_map(|digit| Event::Dtmf { digit }),
+        (1u64..6).prop_map(|generation| Event::DtmfQuiet { generation }),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(0u64..5_000)
+        )
+            .prop_map(|(cleared, interrupted_response, heard)| Event::Cleared {
+                outcome: ClearOutcome {
+                    cleared,
+                    truncate: heard.map(|ms| (Arc::from("i1"), ms)),
+                    interrupted_audio: cleared,
+                },
+                interrupted_response,
+            }),
+    ]
+}
+
+proptest! {
+    /// Whatever the order of events: one response at a time (no `response.create` while one
+    /// is in flight or already asked for), the greeting at most once, nothing sent to a leg
+    /// that is away, a truncate only from a clear's answer, and the held digits bounded.
+    #[test]
+    fn the_turns_machine_keeps_its_rules(events in proptest::collection::vec(turn_event(), 1..300)) {
+        let mut turns = Turns::new(TurnsConfig {
+            greeting: Some("Greet.".into()),
+            dtmf_response_delay_ms: 100,
+            cancel_grace_ms: 50,
+        });
+        let mut out = Vec::new();
+        let mut ready = false;
+        let mut greetings = 0;
+        for event in events {
+            // Session events come from a ready leg only.
+            let from_leg = matches!(
+                event,
+                Event::ResponseCreated { .. }
+                    | Event::ResponseDone { .. }
+                    | Event::SpeechStarted
+                    | Event::SpeechStopped
+            );
+            if (from_leg && !ready) || (matches!(event, Event::UpstreamReady) && ready) {
+                continue; // a leg is ready once, until it is lost
+            }
+            let was_cleared = matches!(event, Event::Cleared { .. });
+            match &event {
+                Event::UpstreamReady => ready = true,
+                Event::UpstreamLost => ready = false,
+                _ => {}
+            }
+            let in_flight_before = turns.in_flight().is_some();
+            turns.on_event(event, &mut out);
+            let creates = out.iter().filter(|a| matches!(a, Action::CreateResponse { .. })).count();
+            prop_assert!(creates <= 1, "two responses asked for at once: {out:?}");
+            if creates == 1 {
+                prop_assert!(ready, "a response asked of a leg that is away: {out:?}");
+                prop_assert!(!in_flight_before || turns.in_flight().is_none(),
+                    "a response asked for while one is in flight: {out:?}");
+            }
+            for action in out.drain(..) {
+                match action {
+                    Action::CreateResponse { instructions: Some(_) } => greetings += 1,
+                    Action::UserText { .. } => prop_assert!(ready, "text sent to a leg that is away"),
+                    Action::Truncate { .. } => prop_assert!(was_cleared, "a truncate without a clear"),
+                    _ => {}
+                }
+            }
+            prop_assert!(greetings <= 1, "greeted twice");
+            prop_assert!(turns.held_len() <= MAX_HELD_TEXT);
         }
     }
 }

@@ -15,6 +15,10 @@ use std::sync::Arc;
 
 use crate::messages::ClearOutcome;
 
+/// Keypad digits held while the AI leg is away, at most (the oldest go first): a caller
+/// mashing keys through an outage must not grow the call's memory.
+pub const MAX_HELD_TEXT: usize = 32;
+
 #[derive(Debug, Clone)]
 pub struct TurnsConfig {
     /// Instructions for the assistant's first words, if it speaks first.
@@ -236,6 +240,9 @@ impl Turns {
                 if self.upstream_ready {
                     out.push(Action::UserText { text });
                 } else {
+                    if self.held_text.len() >= MAX_HELD_TEXT {
+                        self.held_text.remove(0);
+                    }
                     self.held_text.push(text);
                 }
                 if self.cfg.dtmf_response_delay_ms > 0 {
@@ -276,6 +283,11 @@ impl Turns {
             && !self.caller_speaking
             && !self.response_wanted
             && !self.dtmf_pending
+    }
+
+    /// Digits waiting for the AI leg to come back.
+    pub fn held_len(&self) -> usize {
+        self.held_text.len()
     }
 
     /// The response being generated, if any.

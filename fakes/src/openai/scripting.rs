@@ -239,6 +239,11 @@ impl FakeSession {
         st.emit(event);
     }
 
+    /// Sends `text` as it is, in a text frame (garbage, for the service's resilience tests).
+    pub fn send_raw_text(&self, text: &str) {
+        self.state().send_raw(Out::Text(text.to_owned()));
+    }
+
     /// Starts an audio response (B4 order): `response.created` (in_progress),
     /// `response.output_item.added`, `conversation.item.added`, `response.content_part.added`.
     /// Panics if another scripted response is still active (a test-script bug).
