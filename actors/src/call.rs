@@ -28,8 +28,9 @@ use crate::config::{CallConfig, OpenAiConfig, UpstreamKind};
 use crate::echo::EchoUpstream;
 use crate::engine::Engine;
 use crate::messages::{
-    AudioIn, AudioOut, CallCounters, CallIdentified, ClearAudio, Dtmf, GetSnapshot, MarkTail, Role,
-    RouteCallerAudio, Stop, StopReason, StreamStarted, Transcript, UpstreamCommand, UpstreamEvent,
+    AudioIn, AudioOut, CallCounters, CallIdentified, ClearAudio, ContextLine, Dtmf, GetSnapshot,
+    MarkTail, Role, RouteCallerAudio, Stop, StopReason, StreamStarted, Transcript, UpstreamCommand,
+    UpstreamEvent,
 };
 use crate::openai_realtime::{mailbox_capacity, LegPort, OpenAiRealtimeActor};
 use crate::registry::{
@@ -100,6 +101,8 @@ pub struct LegRequest {
     pub leg_no: u32,
     pub label: Arc<str>,
     pub counters: Arc<CallCounters>,
+    /// The conversation so far, for a session that continues the call (empty for the first).
+    pub history: Vec<ContextLine>,
 }
 
 /// Starts AI legs. The engine's opens OpenAI or echo legs; a test's starts stand-ins.
@@ -292,7 +295,7 @@ impl CallActor {
                     .spawn(ctx);
             }
             Action::MarkTail => self.twilio.mark_tail.do_send(MarkTail),
-            Action::UserText { text } => self.control(UpstreamCommand::UserText(text)),
+            Action::Digit { digit } => self.control(UpstreamCommand::Digit(digit)),
             Action::CreateResponse { instructions } => {
                 self.control(UpstreamCommand::CreateResponse { instructions })
             }
@@ -364,11 +367,23 @@ impl CallActor {
         if self.ending {
             return;
         }
-        let leg = self.open_leg(self.leg_no, ctx);
+        // A restarted session gets the conversation the lost one had seen.
+        let history = if self.leg_no > 0 && self.engine.openai_config().replay_transcript_on_restart
+        {
+            self.context(self.replay_upto)
+        } else {
+            Vec::new()
+        };
+        let leg = self.open_leg(self.leg_no, history, ctx);
         self.leg = Some(leg);
     }
 
-    fn open_leg(&mut self, leg_no: u32, ctx: &mut Context<Self>) -> UpstreamLeg {
+    fn open_leg(
+        &mut self,
+        leg_no: u32,
+        history: Vec<ContextLine>,
+        ctx: &mut Context<Self>,
+    ) -> UpstreamLeg {
         let call = ctx.address();
         (self.legs)(LegRequest {
             port: LegPort {
@@ -379,6 +394,7 @@ impl CallActor {
             leg_no,
             label: self.label.clone(),
             counters: self.counters.clone(),
+            history,
         })
     }
 
@@ -428,17 +444,13 @@ impl CallActor {
             self.ready_since.map_or(0, |t| t.elapsed().as_secs()),
             self.rollovers + 1
         );
-        let leg = self.open_leg(leg_no, ctx);
+        let leg = self.open_leg(leg_no, self.context(self.transcript.len()), ctx);
         self.standby = Some((leg_no, leg));
         self.standby_ready = false;
     }
 
-    /// The successor is configured: give it the conversation, then switch at a pause.
+    /// The successor is configured (and has the conversation): switch at a pause.
     fn on_standby_ready(&mut self, ctx: &mut Context<Self>) {
-        let Some((_, leg)) = &self.standby else {
-            return;
-        };
-        self.replay_into(leg, self.transcript.len());
         self.standby_ready = true;
         self.try_switch(ctx);
     }
@@ -532,9 +544,6 @@ impl CallActor {
                 self.label,
                 self.restarts.total
             );
-            if self.engine.openai_config().replay_transcript_on_restart {
-                self.replay_transcript();
-            }
         }
         self.apply(Event::UpstreamReady, ctx);
     }
@@ -597,34 +606,26 @@ impl CallActor {
         }
     }
 
-    /// Replays the conversation so far into a fresh session, so the assistant keeps its context.
-    fn replay_transcript(&self) {
-        let Some(leg) = &self.leg else { return };
-        self.replay_into(leg, self.replay_upto);
-    }
-
-    /// Replays the first `upto` transcript entries (the last [`REPLAY_ENTRIES`] of them).
-    fn replay_into(&self, leg: &UpstreamLeg, upto: usize) {
+    /// The first `upto` transcript entries (the last [`REPLAY_ENTRIES`] of them), as a new
+    /// session should read them: only what the caller heard was said.
+    fn context(&self, upto: usize) -> Vec<ContextLine> {
         let known = upto.min(self.transcript.len());
         let skip = known.saturating_sub(REPLAY_ENTRIES);
-        for entry in self.transcript.iter().take(known).skip(skip) {
-            let command = match entry.role {
-                Role::Assistant => UpstreamCommand::AssistantText(match entry.heard_ms {
-                // Only what the caller heard was said: the new session must not believe more.
-                Some(ms) => format!(
-                    "{} [interrupted by the caller after about {} ms of audio: the rest was not heard]",
-                    entry.text, ms
-                ),
-                None => entry.text.clone(),
-            }),
-                Role::Caller => UpstreamCommand::UserText(entry.text.clone()),
-                Role::Dtmf => UpstreamCommand::UserText(format!(
-                    "The caller pressed the key {} on the phone keypad.",
-                    entry.text
-                )),
-            };
-            leg.control.do_send(command);
-        }
+        self.transcript
+            .iter()
+            .take(known)
+            .skip(skip)
+            .map(|entry| ContextLine {
+                role: entry.role,
+                text: match (entry.role, entry.heard_ms) {
+                    (Role::Assistant, Some(ms)) => format!(
+                        "{} [interrupted by the caller after about {ms} ms of audio: the rest was not heard]",
+                        entry.text
+                    ),
+                    _ => entry.text.clone(),
+                },
+            })
+            .collect()
     }
 
     fn record(&mut self, role: Role, text: String, item_id: Option<String>) {

@@ -219,14 +219,33 @@ pub struct CallIdentified {
     pub label: Arc<str>,
 }
 
+/// A line of the conversation so far, handed to a new session (after a restart or at a
+/// rollover) so the assistant keeps its context. Assistant lines the caller interrupted say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextLine {
+    pub role: Role,
+    pub text: String,
+}
+
+impl ContextLine {
+    /// The line as the new session should read it.
+    pub fn as_text(&self) -> String {
+        match self.role {
+            Role::Dtmf => format!(
+                "The caller pressed the key {} on the phone keypad.",
+                self.text
+            ),
+            _ => self.text.clone(),
+        }
+    }
+}
+
 /// CallActor → AI leg: a control event for the AI session.
 #[derive(Message, Debug, Clone, PartialEq)]
 #[rtype(result = "()")]
 pub enum UpstreamCommand {
-    /// Add a user text message to the conversation.
-    UserText(String),
-    /// Add an assistant text message (context replayed after a restart).
-    AssistantText(String),
+    /// The caller pressed a keypad key (`0-9 * # A-D`).
+    Digit(String),
     /// Ask the model to respond, optionally with instructions for this response.
     CreateResponse { instructions: Option<String> },
     /// Cancel the response in flight.

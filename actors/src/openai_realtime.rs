@@ -38,8 +38,8 @@ use secrecy::{ExposeSecret, SecretString};
 use crate::call::LegRequest;
 use crate::config::{CallConfig, OpenAiConfig};
 use crate::messages::{
-    AudioIn, AudioOut, CallCounters, CallIdentified, Stop, StopReason, Transcript, UpstreamCommand,
-    UpstreamEvent,
+    AudioIn, AudioOut, CallCounters, CallIdentified, ContextLine, Role, Stop, StopReason,
+    Transcript, UpstreamCommand, UpstreamEvent,
 };
 use crate::protocol::{base64_audio_len, openai as proto, openai::ServerEvent};
 use crate::session::restart::LegFailure;
@@ -209,6 +209,8 @@ pub struct OpenAiRealtimeActor {
     fragments: Option<BytesMut>,
     /// Ids of the item being streamed, shared by every chunk of it (no allocation per delta).
     current_ids: Option<(Arc<str>, Arc<str>)>,
+    /// The conversation so far, sent after `session.update` (a continued session).
+    history: Vec<ContextLine>,
 }
 
 impl OpenAiRealtimeActor {
@@ -224,6 +226,7 @@ impl OpenAiRealtimeActor {
             leg_no: leg,
             label,
             counters,
+            history,
         } = req;
         // One append carries 20 ms of audio.
         let max_audio = (call_config.openai_queue_ms / 20).max(1) as usize;
@@ -242,6 +245,7 @@ impl OpenAiRealtimeActor {
             done: false,
             fragments: None,
             current_ids: None,
+            history,
         }
     }
 
@@ -353,13 +357,13 @@ impl OpenAiRealtimeActor {
                 transcript,
                 item_id,
             } if !transcript.trim().is_empty() => self.call.transcripts.do_send(Transcript {
-                role: crate::messages::Role::Assistant,
+                role: Role::Assistant,
                 text: transcript,
                 item_id,
             }),
             ServerEvent::CallerTranscript { transcript } if !transcript.trim().is_empty() => {
                 self.call.transcripts.do_send(Transcript {
-                    role: crate::messages::Role::Caller,
+                    role: Role::Caller,
                     text: transcript,
                     item_id: None,
                 })
@@ -494,9 +498,17 @@ impl Actor for OpenAiRealtimeActor {
                     act.call
                         .events
                         .do_send(UpstreamEvent::Connected { leg: act.leg });
-                    // Events on one socket are ordered: the update is in force before any audio.
+                    // Events on one socket are ordered: the update is in force before any audio,
+                    // and a continued session has the conversation before it hears the caller.
                     let update = proto::session_update(&act.config);
                     act.send(update);
+                    for line in std::mem::take(&mut act.history) {
+                        let item = match line.role {
+                            Role::Assistant => proto::assistant_text_item(&line.as_text()),
+                            Role::Caller | Role::Dtmf => proto::user_text_item(&line.as_text()),
+                        };
+                        act.send(item);
+                    }
                 }
                 Err(awc::error::WsClientError::InvalidResponseStatus(status)) => act.fail(
                     ctx,
@@ -605,8 +617,9 @@ impl Handler<UpstreamCommand> for OpenAiRealtimeActor {
 
     fn handle(&mut self, msg: UpstreamCommand, _: &mut Context<Self>) {
         let event = match &msg {
-            UpstreamCommand::UserText(text) => proto::user_text_item(text),
-            UpstreamCommand::AssistantText(text) => proto::assistant_text_item(text),
+            UpstreamCommand::Digit(digit) => proto::user_text_item(&format!(
+                "The caller pressed the key {digit} on the phone keypad."
+            )),
             UpstreamCommand::CreateResponse { instructions } => {
                 proto::response_create(instructions.as_deref())
             }

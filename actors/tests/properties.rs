@@ -15,7 +15,7 @@ use callbridge_actors::session::inbound::{Inbound, InboundConfig, JITTER_ALLOWAN
 use callbridge_actors::session::playback::{
     Chunk, Playback, PlaybackConfig, Wire, MAX_PENDING_MARKS,
 };
-use callbridge_actors::session::turns::{Action, Event, Turns, TurnsConfig, MAX_HELD_TEXT};
+use callbridge_actors::session::turns::{Action, Event, Turns, TurnsConfig, MAX_HELD_DIGITS};
 
 /// Twilio-shaped JSON with its fields mutated: the parser must answer, never panic.
 fn twilio_like() -> impl Strategy<Value = String> {
@@ -290,13 +290,13 @@ proptest! {
             for action in out.drain(..) {
                 match action {
                     Action::CreateResponse { instructions: Some(_) } => greetings += 1,
-                    Action::UserText { .. } => prop_assert!(ready, "text sent to a leg that is away"),
+                    Action::Digit { .. } => prop_assert!(ready, "a digit sent to a leg that is away"),
                     Action::Truncate { .. } => prop_assert!(was_cleared, "a truncate without a clear"),
                     _ => {}
                 }
             }
             prop_assert!(greetings <= 1, "greeted twice");
-            prop_assert!(turns.held_len() <= MAX_HELD_TEXT);
+            prop_assert!(turns.held_len() <= MAX_HELD_DIGITS);
         }
     }
 }

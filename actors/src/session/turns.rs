@@ -8,7 +8,7 @@
 //!   response still in flight has its late audio dropped, and is cancelled only if the server
 //!   has not cancelled it itself within a grace period (with `interrupt_response` it does, and a
 //!   second cancel would fail with `response_cancel_not_active`).
-//! - DTMF: each digit becomes a user text item (held while the AI leg is away); once no digit
+//! - DTMF: each digit goes to the AI leg (held while it is away); once no digit
 //!   came for `dtmf_response_delay_ms` a response is asked for, after the one in flight if any.
 
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use crate::messages::ClearOutcome;
 
 /// Keypad digits held while the AI leg is away, at most (the oldest go first): a caller
 /// mashing keys through an outage must not grow the call's memory.
-pub const MAX_HELD_TEXT: usize = 32;
+pub const MAX_HELD_DIGITS: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct TurnsConfig {
@@ -74,8 +74,9 @@ pub enum Action {
     },
     /// Ask the Twilio leg to mark the tail of the audio sent.
     MarkTail,
-    UserText {
-        text: String,
+    /// A keypad digit for the model (each API words it its own way).
+    Digit {
+        digit: String,
     },
     CreateResponse {
         instructions: Option<String>,
@@ -111,8 +112,8 @@ pub struct Turns {
     upstream_ready: bool,
     /// The greeting is spoken once per call, not again after an upstream restart.
     greeted: bool,
-    /// User text waiting for the AI leg (DTMF pressed while it reconnects).
-    held_text: Vec<String>,
+    /// Keypad digits waiting for the AI leg (pressed while it reconnects).
+    held_digits: Vec<String>,
     in_flight: Option<String>,
     /// Server VAD heard the caller start and not yet stop.
     caller_speaking: bool,
@@ -132,7 +133,7 @@ impl Turns {
             cfg,
             upstream_ready: false,
             greeted: false,
-            held_text: Vec::new(),
+            held_digits: Vec::new(),
             in_flight: None,
             caller_speaking: false,
             response_asked: false,
@@ -158,8 +159,8 @@ impl Turns {
         match event {
             Event::UpstreamReady => {
                 self.upstream_ready = true;
-                for text in self.held_text.drain(..) {
-                    out.push(Action::UserText { text });
+                for digit in self.held_digits.drain(..) {
+                    out.push(Action::Digit { digit });
                 }
                 let mut asked = false;
                 if !self.greeted {
@@ -236,14 +237,13 @@ impl Turns {
                 }
             }
             Event::Dtmf { digit } => {
-                let text = format!("The caller pressed the key {digit} on the phone keypad.");
                 if self.upstream_ready {
-                    out.push(Action::UserText { text });
+                    out.push(Action::Digit { digit });
                 } else {
-                    if self.held_text.len() >= MAX_HELD_TEXT {
-                        self.held_text.remove(0);
+                    if self.held_digits.len() >= MAX_HELD_DIGITS {
+                        self.held_digits.remove(0);
                     }
-                    self.held_text.push(text);
+                    self.held_digits.push(digit);
                 }
                 if self.cfg.dtmf_response_delay_ms > 0 {
                     self.dtmf_pending = true;
@@ -287,7 +287,7 @@ impl Turns {
 
     /// Digits waiting for the AI leg to come back.
     pub fn held_len(&self) -> usize {
-        self.held_text.len()
+        self.held_digits.len()
     }
 
     /// The response being generated, if any.
@@ -451,7 +451,7 @@ mod tests {
     fn dtmf_becomes_text_and_a_response_after_the_quiet_time() {
         let mut t = ready(false);
         let out = run(&mut t, Event::Dtmf { digit: "1".into() });
-        assert!(matches!(&out[0], Action::UserText { text } if text.contains('1')));
+        assert_eq!(out[0], Action::Digit { digit: "1".into() });
         assert_eq!(
             out[1],
             Action::ScheduleDtmfQuiet {
@@ -489,10 +489,10 @@ mod tests {
         run(&mut t, Event::UpstreamLost);
         assert!(run(&mut t, Event::Dtmf { digit: "9".into() })
             .iter()
-            .all(|a| !matches!(a, Action::UserText { .. })));
+            .all(|a| !matches!(a, Action::Digit { .. })));
         assert!(run(&mut t, Event::DtmfQuiet { generation: 1 }).is_empty());
         let out = run(&mut t, Event::UpstreamReady);
-        assert!(matches!(&out[0], Action::UserText { text } if text.contains('9')));
+        assert_eq!(out[0], Action::Digit { digit: "9".into() });
         assert_eq!(out[1], Action::CreateResponse { instructions: None });
     }
 
