@@ -74,6 +74,36 @@ pub struct OpenAiConfig {
     /// A session this old is replaced by a new one at the next pause between turns (OpenAI
     /// ends sessions at 60 minutes), s.
     pub max_session_s: u64,
+    /// Which speech-to-speech API: Realtime or GPT-Live.
+    pub api: OpenAiApi,
+    /// GPT-Live's endpoint (no query: the model goes in `session.start`).
+    pub live_url: String,
+    /// GPT-Live's model.
+    pub live_model: String,
+    /// GPT-Live transcript fragments of one speaker end a turn after this long without more, ms.
+    pub live_turn_gap_ms: u64,
+    /// After `session.close`, how long to wait for `session.closed` before closing the socket, ms.
+    pub live_close_timeout_ms: u64,
+}
+
+/// The OpenAI speech-to-speech API the AI legs speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OpenAiApi {
+    /// The Realtime API (`/v1/realtime`), billed per token.
+    #[default]
+    Realtime,
+    /// GPT-Live (`/v1/live/sessions`), billed per second of session.
+    Live,
+}
+
+impl OpenAiApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpenAiApi::Realtime => "realtime",
+            OpenAiApi::Live => "live",
+        }
+    }
 }
 
 impl Default for OpenAiConfig {
@@ -101,6 +131,11 @@ impl Default for OpenAiConfig {
             breaker_failures: 5,
             breaker_cooldown_s: 30,
             max_session_s: 3_300,
+            api: OpenAiApi::Realtime,
+            live_url: "wss://api.openai.com/v1/live/sessions".into(),
+            live_model: "gpt-live-1.1".into(),
+            live_turn_gap_ms: 800,
+            live_close_timeout_ms: 10_000,
         }
     }
 }
@@ -162,6 +197,39 @@ impl OpenAiConfig {
                 format!(
                     "must be between 1 and 3600 while openai.breaker_failures is set, got {}",
                     self.breaker_cooldown_s
+                ),
+            ));
+        }
+        if !(self.live_url.starts_with("wss://") || self.live_url.starts_with("ws://")) {
+            return Err(ConfigError::new(
+                "openai.live_url",
+                format!("must start with wss:// or ws://, got {:?}", self.live_url),
+            ));
+        }
+        if self.live_url.contains('?') {
+            return Err(ConfigError::new(
+                "openai.live_url",
+                "must not carry a query string: GPT-Live takes the model in session.start",
+            ));
+        }
+        if self.live_model.trim().is_empty() {
+            return Err(ConfigError::new("openai.live_model", "must not be empty"));
+        }
+        if !(100..=10_000).contains(&self.live_turn_gap_ms) {
+            return Err(ConfigError::new(
+                "openai.live_turn_gap_ms",
+                format!(
+                    "must be between 100 and 10000, got {}",
+                    self.live_turn_gap_ms
+                ),
+            ));
+        }
+        if !(100..=60_000).contains(&self.live_close_timeout_ms) {
+            return Err(ConfigError::new(
+                "openai.live_close_timeout_ms",
+                format!(
+                    "must be between 100 and 60000, got {}",
+                    self.live_close_timeout_ms
                 ),
             ));
         }

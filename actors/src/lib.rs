@@ -44,6 +44,7 @@
 //! without I/O ([`protocol`]), settings ([`config`]) and the shell's entry point ([`engine`]).
 //! This crate never imports the shell.
 
+pub mod ai_socket;
 pub mod call;
 pub mod config;
 pub mod echo;

@@ -18,23 +18,20 @@
 //! keeps the retry budget in one place.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
-use actix_codec::Framed;
 use actix_http::ws::Item;
 use awc::error::WsProtocolError;
-use awc::ws::{self, CloseCode, Frame};
-use awc::BoxedSocket;
+use awc::ws::{self, Frame};
 use bytes::{Bytes, BytesMut};
-use futures_util::stream::{SplitSink, StreamExt};
-use futures_util::SinkExt;
+use futures_util::stream::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::ai_socket::{client_for, redact, scrub, write_loop, Outbox};
+pub use crate::ai_socket::{mailbox_capacity, LegPort};
 use crate::call::LegRequest;
 use crate::config::{CallConfig, OpenAiConfig};
 use crate::messages::{
@@ -48,17 +45,6 @@ use crate::session::restart::LegFailure;
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// How often the stall check runs.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
-/// Caller frames an AI leg's mailbox holds beyond the audio held while it was connecting;
-/// `try_send` into a full one drops and counts. Caller audio comes at 50 frames a second, so
-/// this is only reached if the leg is not polled.
-const MAILBOX_HEADROOM: usize = 64;
-
-/// The mailbox capacity of an AI leg: when a leg becomes ready, the Twilio leg hands it all the
-/// caller audio it held (`call.upstream_buffer_ms`, 20 ms a frame) at once, so that must fit.
-pub fn mailbox_capacity(call_config: &CallConfig) -> usize {
-    (call_config.upstream_buffer_ms / 20) as usize + MAILBOX_HEADROOM
-}
-
 /// Error codes after which this session cannot be used (the server closes it, or every later
 /// event would fail the same way).
 const FATAL_CODES: &[&str] = &[
@@ -67,126 +53,6 @@ const FATAL_CODES: &[&str] = &[
     "beta_api_shape_disabled",
     "insufficient_quota",
 ];
-
-type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
-
-/// How an AI leg reaches its call. Recipients, so a test can stand in for the call.
-#[derive(Clone)]
-pub struct LegPort {
-    pub events: Recipient<UpstreamEvent>,
-    pub transcripts: Recipient<Transcript>,
-}
-
-/// The events waiting for the socket, bounded in appends.
-struct Outbox {
-    queue: VecDeque<(ws::Message, bool)>,
-    /// Appends in `queue`.
-    audio: usize,
-    max_audio: usize,
-    /// Messages fed since the last flush.
-    unflushed: bool,
-    close: bool,
-    waker: Option<Waker>,
-    /// A write has been waiting for the socket since then.
-    blocked_since: Option<Instant>,
-    counters: Arc<CallCounters>,
-}
-
-enum Next {
-    Send(ws::Message),
-    Flush,
-    Close,
-}
-
-impl Outbox {
-    fn new(max_audio: usize, counters: Arc<CallCounters>) -> Self {
-        Self {
-            queue: VecDeque::new(),
-            audio: 0,
-            max_audio,
-            unflushed: false,
-            close: false,
-            waker: None,
-            blocked_since: None,
-            counters,
-        }
-    }
-
-    fn push(&mut self, message: ws::Message, is_audio: bool) {
-        if is_audio {
-            if self.audio >= self.max_audio {
-                // The oldest append goes: the caller's latest words matter most.
-                if let Some(at) = self.queue.iter().position(|(_, audio)| *audio) {
-                    self.queue.remove(at);
-                    self.audio -= 1;
-                    CallCounters::add(&self.counters.dropped_openai_backpressure, 1);
-                }
-            }
-            self.audio += 1;
-        }
-        self.queue.push_back((message, is_audio));
-        CallCounters::set(&self.counters.openai_queued, self.queue.len() as u64);
-        if let Some(waker) = self.waker.take() {
-            waker.wake();
-        }
-    }
-
-    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Next> {
-        if let Some((message, is_audio)) = self.queue.pop_front() {
-            if is_audio {
-                self.audio -= 1;
-            }
-            self.unflushed = true;
-            CallCounters::set(&self.counters.openai_queued, self.queue.len() as u64);
-            return Poll::Ready(Next::Send(message));
-        }
-        if std::mem::take(&mut self.unflushed) {
-            return Poll::Ready(Next::Flush);
-        }
-        if self.close {
-            return Poll::Ready(Next::Close);
-        }
-        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            self.waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-}
-
-/// Feeds the socket from the outbox until it is closed or fails.
-async fn write_loop(outbox: Rc<RefCell<Outbox>>, mut sink: WsSink) -> Result<(), WsProtocolError> {
-    loop {
-        let next = std::future::poll_fn(|cx| outbox.borrow_mut().poll_next(cx)).await;
-        match next {
-            Next::Send(message) => timed(&outbox, sink.feed(message)).await?,
-            Next::Flush => timed(&outbox, sink.flush()).await?,
-            Next::Close => {
-                let _ = sink
-                    .send(ws::Message::Close(Some(CloseCode::Normal.into())))
-                    .await;
-                let _ = sink.close().await;
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// Awaits `write`, noting in `blocked_since` when it had to wait for the socket.
-async fn timed<F: std::future::Future>(outbox: &Rc<RefCell<Outbox>>, write: F) -> F::Output {
-    let mut write = std::pin::pin!(write);
-    let mut first = true;
-    let output = std::future::poll_fn(|cx| {
-        let poll = write.as_mut().poll(cx);
-        if poll.is_pending() && first {
-            outbox.borrow_mut().blocked_since = Some(Instant::now());
-        }
-        first = false;
-        poll
-    })
-    .await;
-    outbox.borrow_mut().blocked_since = None;
-    output
-}
 
 pub struct OpenAiRealtimeActor {
     call: LegPort,
@@ -409,7 +275,7 @@ impl OpenAiRealtimeActor {
     }
 
     fn check_stall(&mut self, ctx: &mut Context<Self>) {
-        let blocked = self.outbox.borrow().blocked_since;
+        let blocked = self.outbox.borrow().blocked_since();
         if blocked.is_some_and(|since| since.elapsed() >= self.stall_timeout) {
             let ms = self.stall_timeout.as_millis() as u64;
             log::warn!(
@@ -419,53 +285,6 @@ impl OpenAiRealtimeActor {
             self.fail(ctx, LegFailure::Stalled { ms });
         }
     }
-}
-
-/// TCP connections with Nagle's algorithm off: caller audio goes out as a small append every
-/// 20 ms, which Nagle would hold back while the previous one is unacknowledged (awc's default
-/// connector leaves it on).
-fn nodelay_tcp() -> impl actix_service::Service<
-    actix_tls::connect::ConnectInfo<awc::http::Uri>,
-    Response = actix_tls::connect::Connection<awc::http::Uri, actix_rt::net::TcpStream>,
-    Error = actix_tls::connect::ConnectError,
-> + Clone {
-    use actix_service::ServiceExt as _;
-    actix_tls::connect::ConnectorService::default().map(
-        |connection: actix_tls::connect::Connection<awc::http::Uri, actix_rt::net::TcpStream>| {
-            let _ = connection.io_ref().set_nodelay(true);
-            connection
-        },
-    )
-}
-
-thread_local! {
-    /// The awc client of this worker thread, with the connect timeout it was built for.
-    static CLIENT: std::cell::RefCell<Option<(Duration, awc::Client)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// One client per worker thread (awc is `!Send`), shared by every leg on it: building one
-/// builds a rustls configuration with the whole root store, which per call cost set-up time
-/// and memory for nothing. HTTP/1.1 only, as the websocket handshake fails if the server picks
-/// h2 by ALPN.
-fn client_for(timeout: Duration) -> awc::Client {
-    CLIENT.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        match &*cell {
-            Some((t, client)) if *t == timeout => client.clone(),
-            _ => {
-                // `limit(0)`: the connector's default cap of 100 connections would count
-                // every live websocket and hold the 101st call's leg until one ends.
-                let client = awc::Client::builder()
-                    .connector(awc::Connector::new().connector(nodelay_tcp()).limit(0))
-                    .timeout(timeout)
-                    .max_http_version(awc::http::Version::HTTP_11)
-                    .finish();
-                *cell = Some((timeout, client.clone()));
-                client
-            }
-        }
-    })
 }
 
 impl Actor for OpenAiRealtimeActor {
@@ -650,128 +469,16 @@ impl Handler<Stop> for OpenAiRealtimeActor {
         self.done = true;
         self.twilio = None;
         if self.connected {
-            let mut outbox = self.outbox.borrow_mut();
-            if msg.reason != StopReason::Rollover {
-                // What waits is of no use any more: only the close goes out.
-                outbox.queue.clear();
-                outbox.audio = 0;
-            }
             // On a rollover, the caller audio still queued goes out first: every frame routed
-            // here reaches this session, the ones after the switch the next one.
-            outbox.close = true;
-            if let Some(waker) = outbox.waker.take() {
-                waker.wake();
-            }
-            drop(outbox);
+            // here reaches this session, the ones after the switch the next one. Otherwise what
+            // waits is of no use any more: only the close goes out.
+            self.outbox
+                .borrow_mut()
+                .close(msg.reason != StopReason::Rollover);
             // The server answers with its close and the stream ends; do not wait forever.
             ctx.run_later(CLOSE_GRACE, |_, ctx| ctx.stop());
         } else {
             ctx.stop();
         }
-    }
-}
-
-/// Scrubs the key out of a failure's text.
-fn scrub(failure: LegFailure, key: &str) -> LegFailure {
-    match failure {
-        LegFailure::Connect(s) => LegFailure::Connect(redact(&s, key)),
-        LegFailure::SessionRejected(s) => LegFailure::SessionRejected(redact(&s, key)),
-        LegFailure::Fatal { code, message } => LegFailure::Fatal {
-            code,
-            message: redact(&message, key),
-        },
-        LegFailure::Closed { code, reason } => LegFailure::Closed {
-            code,
-            reason: redact(&reason, key),
-        },
-        LegFailure::Protocol(s) => LegFailure::Protocol(redact(&s, key)),
-        other => other,
-    }
-}
-
-/// Removes the API key from text that goes to logs or `/calls` (OpenAI's own messages may echo
-/// part of a key; ours never contain it, but a message is cheap to scrub).
-pub fn redact(text: &str, key: &str) -> String {
-    let text = if key.len() >= 8 {
-        text.replace(key, "[redacted]")
-    } else {
-        text.to_string()
-    };
-    // Also any `sk-…` token, whole or partial.
-    text.split(' ')
-        .map(|word| {
-            if word.starts_with("sk-") && word.len() > 6 {
-                "sk-[redacted]"
-            } else {
-                word
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redact_removes_keys_whole_or_partial() {
-        let key = "sk-proj-abcdefghijklmnop";
-        assert_eq!(
-            redact(&format!("bad key {key} given"), key),
-            "bad key [redacted] given"
-        );
-        assert_eq!(
-            redact("Incorrect API key provided: sk-proj-***mnop.", key),
-            "Incorrect API key provided: sk-[redacted]"
-        );
-        assert_eq!(redact("nothing secret", key), "nothing secret");
-    }
-
-    fn outbox(max_audio: usize) -> Outbox {
-        Outbox::new(max_audio, Arc::new(CallCounters::default()))
-    }
-
-    fn text(m: &ws::Message) -> String {
-        match m {
-            ws::Message::Text(t) => t.to_string(),
-            _ => String::new(),
-        }
-    }
-
-    #[test]
-    fn a_full_outbox_drops_the_oldest_append_and_never_a_control_event() {
-        let mut o = outbox(2);
-        o.push(ws::Message::Text("update".into()), false);
-        o.push(ws::Message::Text("a1".into()), true);
-        o.push(ws::Message::Text("a2".into()), true);
-        o.push(ws::Message::Text("truncate".into()), false);
-        o.push(ws::Message::Text("a3".into()), true);
-        let left: Vec<String> = o.queue.iter().map(|(m, _)| text(m)).collect();
-        assert_eq!(left, vec!["update", "a2", "truncate", "a3"]);
-        assert_eq!(
-            CallCounters::get(&o.counters.dropped_openai_backpressure),
-            1
-        );
-        assert_eq!(CallCounters::get(&o.counters.openai_queued), 4);
-    }
-
-    #[test]
-    fn the_outbox_flushes_once_per_batch_then_waits() {
-        let mut o = outbox(10);
-        o.push(ws::Message::Text("a1".into()), true);
-        o.push(ws::Message::Text("a2".into()), true);
-        let waker = futures_util::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        let kinds: Vec<&str> = (0..4)
-            .map(|_| match o.poll_next(&mut cx) {
-                Poll::Ready(Next::Send(_)) => "send",
-                Poll::Ready(Next::Flush) => "flush",
-                Poll::Ready(Next::Close) => "close",
-                Poll::Pending => "pending",
-            })
-            .collect();
-        assert_eq!(kinds, vec!["send", "send", "flush", "pending"]);
-        assert_eq!(o.audio, 0);
     }
 }

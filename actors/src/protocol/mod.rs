@@ -5,6 +5,7 @@
 //! the unit tests beside each module use the reference's examples and test vectors.
 
 pub mod g711;
+pub mod live;
 pub mod openai;
 pub mod signature;
 pub mod twilio;

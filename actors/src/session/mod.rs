@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod playback;
 pub mod restart;
 pub mod turns;
+pub mod usage;
 
 /// μ-law at 8 kHz: one byte per sample, eight per millisecond.
 pub const BYTES_PER_MS: u64 = 8;
