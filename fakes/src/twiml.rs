@@ -57,11 +57,16 @@ pub enum Verb {
     Dial(Dial),
     Hangup,
     /// `<Pause length>` (seconds, 1 when absent).
-    Pause { length: u32 },
+    Pause {
+        length: u32,
+    },
     /// `<Play>` and its URL (or `digits`).
     Play(String),
     /// `<Redirect method>` and its URL.
-    Redirect { url: String, method: Option<String> },
+    Redirect {
+        url: String,
+        method: Option<String>,
+    },
 }
 
 impl Verb {
@@ -321,10 +326,9 @@ fn element_attrs(e: &BytesStart<'_>, allowed: &[&str], twiml: &mut Twiml) -> Res
 /// `GET` or `POST`, the only methods TwiML attributes take.
 fn method_attr(e: &BytesStart<'_>, key: &str) -> Result<Option<String>, String> {
     match attr(e, key)? {
-        Some(m) if m != "GET" && m != "POST" => Err(format!(
-            "<{} {key}={m:?}>: only GET or POST",
-            name(e)
-        )),
+        Some(m) if m != "GET" && m != "POST" => {
+            Err(format!("<{} {key}={m:?}>: only GET or POST", name(e)))
+        }
         other => Ok(other),
     }
 }
@@ -334,10 +338,7 @@ fn bool_attr(e: &BytesStart<'_>, key: &str) -> Result<Option<bool>, String> {
         None => Ok(None),
         Some("true") => Ok(Some(true)),
         Some("false") => Ok(Some(false)),
-        Some(other) => Err(format!(
-            "<{} {key}={other:?}>: only true or false",
-            name(e)
-        )),
+        Some(other) => Err(format!("<{} {key}={other:?}>: only true or false", name(e))),
     }
 }
 
@@ -757,10 +758,7 @@ mod tests {
     fn reads_a_fallback_only_answer() {
         let twiml = parse("<Response><Say>Busy.</Say><Hangup/></Response>").unwrap();
         assert!(twiml.stream().is_none());
-        assert_eq!(
-            twiml.after_connect(),
-            &[Verb::say("Busy."), Verb::Hangup]
-        );
+        assert_eq!(twiml.after_connect(), &[Verb::say("Busy."), Verb::Hangup]);
     }
 
     /// The verbs and attributes a transfer or goodbye sent through the REST API uses.
@@ -823,29 +821,93 @@ mod tests {
     /// Attribute names and values, noun counts and the SIP rules are checked.
     #[test]
     fn refuses_bad_attributes_and_nouns() {
-        let eleven: String = (0..11).map(|i| format!("<Number>+1500555000{i}</Number>")).collect();
+        let eleven: String = (0..11)
+            .map(|i| format!("<Number>+1500555000{i}</Number>"))
+            .collect();
         let long_sip = format!("<Sip>sip:{}@x.example</Sip>", "a".repeat(250));
         for (xml, why) in [
-            (r#"<Response><Dial callerID="+1">+15005550006</Dial></Response>"#.to_owned(), "no attribute `callerID`"),
-            (r#"<Response><Dial answerOnBridge="yes">+15005550006</Dial></Response>"#.to_owned(), "true or false"),
-            (r#"<Response><Dial timeout="0">+15005550006</Dial></Response>"#.to_owned(), "at least 1"),
-            (r#"<Response><Dial timeout="30s">+15005550006</Dial></Response>"#.to_owned(), "whole number"),
-            (r#"<Response><Dial method="PUT">+15005550006</Dial></Response>"#.to_owned(), "GET or POST"),
-            (r#"<Response><Pause length="-1"/></Response>"#.to_owned(), "whole number"),
-            (r#"<Response><Say colour="red">x</Say></Response>"#.to_owned(), "no attribute `colour`"),
-            (r#"<Response><Hangup reason="x"/></Response>"#.to_owned(), "no attribute"),
-            ("<Response><Hangup>now</Hangup></Response>".to_owned(), "takes no text"),
-            ("<Response><Redirect></Redirect></Response>".to_owned(), "without a URL"),
-            ("<Response><Redirect/></Response>".to_owned(), "without a URL"),
-            ("<Response><Play/></Response>".to_owned(), "without a URL or digits"),
-            (format!("<Response><Dial>{eleven}</Dial></Response>"), "11 <Number>s"),
-            ("<Response><Dial><Sip>sip:a@b</Sip><Number>+15005550006</Number></Dial></Response>".to_owned(), "only noun"),
-            ("<Response><Dial><Sip>agent@pbx</Sip></Dial></Response>".to_owned(), "not a sip: URI"),
-            (format!("<Response><Dial>{long_sip}</Dial></Response>"), "under 255"),
-            ("<Response><Dial>+1<Number>+15005550006</Number></Dial></Response>".to_owned(), "mixes"),
-            ("<Response><Dial><Number></Number></Dial></Response>".to_owned(), "empty <Number>"),
-            ("<Response><Dial><Conference>x</Conference></Dial></Response>".to_owned(), "unknown noun"),
-            (r#"<Response><Connect><Stream url="wss://x/m" bogus="1"/></Connect></Response>"#.to_owned(), "no attribute `bogus`"),
+            (
+                r#"<Response><Dial callerID="+1">+15005550006</Dial></Response>"#.to_owned(),
+                "no attribute `callerID`",
+            ),
+            (
+                r#"<Response><Dial answerOnBridge="yes">+15005550006</Dial></Response>"#.to_owned(),
+                "true or false",
+            ),
+            (
+                r#"<Response><Dial timeout="0">+15005550006</Dial></Response>"#.to_owned(),
+                "at least 1",
+            ),
+            (
+                r#"<Response><Dial timeout="30s">+15005550006</Dial></Response>"#.to_owned(),
+                "whole number",
+            ),
+            (
+                r#"<Response><Dial method="PUT">+15005550006</Dial></Response>"#.to_owned(),
+                "GET or POST",
+            ),
+            (
+                r#"<Response><Pause length="-1"/></Response>"#.to_owned(),
+                "whole number",
+            ),
+            (
+                r#"<Response><Say colour="red">x</Say></Response>"#.to_owned(),
+                "no attribute `colour`",
+            ),
+            (
+                r#"<Response><Hangup reason="x"/></Response>"#.to_owned(),
+                "no attribute",
+            ),
+            (
+                "<Response><Hangup>now</Hangup></Response>".to_owned(),
+                "takes no text",
+            ),
+            (
+                "<Response><Redirect></Redirect></Response>".to_owned(),
+                "without a URL",
+            ),
+            (
+                "<Response><Redirect/></Response>".to_owned(),
+                "without a URL",
+            ),
+            (
+                "<Response><Play/></Response>".to_owned(),
+                "without a URL or digits",
+            ),
+            (
+                format!("<Response><Dial>{eleven}</Dial></Response>"),
+                "11 <Number>s",
+            ),
+            (
+                "<Response><Dial><Sip>sip:a@b</Sip><Number>+15005550006</Number></Dial></Response>"
+                    .to_owned(),
+                "only noun",
+            ),
+            (
+                "<Response><Dial><Sip>agent@pbx</Sip></Dial></Response>".to_owned(),
+                "not a sip: URI",
+            ),
+            (
+                format!("<Response><Dial>{long_sip}</Dial></Response>"),
+                "under 255",
+            ),
+            (
+                "<Response><Dial>+1<Number>+15005550006</Number></Dial></Response>".to_owned(),
+                "mixes",
+            ),
+            (
+                "<Response><Dial><Number></Number></Dial></Response>".to_owned(),
+                "empty <Number>",
+            ),
+            (
+                "<Response><Dial><Conference>x</Conference></Dial></Response>".to_owned(),
+                "unknown noun",
+            ),
+            (
+                r#"<Response><Connect><Stream url="wss://x/m" bogus="1"/></Connect></Response>"#
+                    .to_owned(),
+                "no attribute `bogus`",
+            ),
         ] {
             let err = parse(&xml).expect_err(&xml);
             assert!(err.contains(why), "{xml}: {err}");

@@ -111,18 +111,20 @@ pub async fn post_form(
     let body = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(form.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .finish();
-    let signature = signing.auth_token.as_deref().map(|token| {
-        compute_signature(token, signing.signed_url.as_deref().unwrap_or(url), form)
-    });
+    let signature = signing
+        .auth_token
+        .as_deref()
+        .map(|token| compute_signature(token, signing.signed_url.as_deref().unwrap_or(url), form));
     exchange("POST", url, Some(&body), signature.as_deref()).await
 }
 
 /// GETs `url` (its query string carries the parameters), signed as Twilio signs a GET webhook:
 /// over the URL, query included, with no parameters appended (A5).
 pub async fn get(url: &str, signing: &Signing) -> Result<Answer, String> {
-    let signature = signing.auth_token.as_deref().map(|token| {
-        compute_signature(token, signing.signed_url.as_deref().unwrap_or(url), &[])
-    });
+    let signature = signing
+        .auth_token
+        .as_deref()
+        .map(|token| compute_signature(token, signing.signed_url.as_deref().unwrap_or(url), &[]));
     exchange("GET", url, None, signature.as_deref()).await
 }
 

@@ -128,7 +128,10 @@ pub(crate) fn parse_request(buf: &[u8]) -> Parsed {
         body: Vec::new(),
     };
     if request.header("transfer-encoding").is_some() {
-        return invalid(411, "Transfer-Encoding request bodies are not read: send Content-Length");
+        return invalid(
+            411,
+            "Transfer-Encoding request bodies are not read: send Content-Length",
+        );
     }
     let lengths: Vec<&str> = request
         .headers
@@ -321,9 +324,15 @@ mod tests {
     #[test]
     fn refuses_what_it_does_not_read() {
         for (raw, status) in [
-            (&b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..], 411),
+            (
+                &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+                411,
+            ),
             (b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", 400),
-            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
             (b"GET / HTTP/2\r\n\r\n", 505),
             (b"GET  / HTTP/1.1\r\n\r\n", 400),
             (b"get / HTTP/1.1\r\n\r\n", 400),

@@ -149,7 +149,11 @@ pub(crate) async fn status_callback(
         let status = call.status.as_str();
         call.status_callback.clone().map(|url| {
             let method = call.status_callback_method.clone();
-            (url, method, status_params(call, &shared.account.account_sid, status))
+            (
+                url,
+                method,
+                status_params(call, &shared.account.account_sid, status),
+            )
         })
     };
     let Some((url, method, params)) = prepared else {
@@ -184,7 +188,11 @@ async fn progress_callback(
         match &call.status_callback {
             Some(url) if call.status_callback_events.iter().any(|e| e == event) => {
                 let (url, method) = (url.clone(), call.status_callback_method.clone());
-                Some((url, method, status_params(call, &shared.account.account_sid, call_status)))
+                Some((
+                    url,
+                    method,
+                    status_params(call, &shared.account.account_sid, call_status),
+                ))
             }
             _ => None,
         }
@@ -257,8 +265,15 @@ impl FakeTwilioRest {
                 if call.machine_detection.is_some() && !call.async_amd {
                     params.push(("AnsweredBy".into(), "human".into()));
                 }
-                let answer =
-                    send(&shared, call_sid, WebhookKind::Voice, url, &call.method, params).await?;
+                let answer = send(
+                    &shared,
+                    call_sid,
+                    WebhookKind::Voice,
+                    url,
+                    &call.method,
+                    params,
+                )
+                .await?;
                 webhook::twiml_answer(url, &answer)?
             }
             (None, None) => {
@@ -336,7 +351,11 @@ mod tests {
     #[test]
     fn delivery_keeps_path_and_query() {
         assert_eq!(
-            delivery("https://bridge.example.com/voice?cb=abc", Some("127.0.0.1:9")).unwrap(),
+            delivery(
+                "https://bridge.example.com/voice?cb=abc",
+                Some("127.0.0.1:9")
+            )
+            .unwrap(),
             "http://127.0.0.1:9/voice?cb=abc"
         );
         assert_eq!(

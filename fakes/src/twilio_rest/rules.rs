@@ -72,7 +72,8 @@ pub(crate) const CREATE_PARAMS: &[&str] = &[
 const LIST_PARAMS: &[&str] = &["StatusCallbackEvent", "RecordingStatusCallbackEvent"];
 
 /// The events a created call's `StatusCallback` can subscribe to.
-pub(crate) const STATUS_CALLBACK_EVENTS: &[&str] = &["initiated", "ringing", "answered", "completed"];
+pub(crate) const STATUS_CALLBACK_EVENTS: &[&str] =
+    &["initiated", "ringing", "answered", "completed"];
 
 /// `Timeout` of a create: at most this many seconds (Twilio caps larger values).
 pub(crate) const MAX_TIMEOUT_SECS: u32 = 600;
@@ -102,7 +103,8 @@ impl Findings {
 
     /// A call-log notice, which is also a violation.
     fn notice(&mut self, code: u32, message: String) {
-        self.violations.push(format!("{message} (call log: {code})"));
+        self.violations
+            .push(format!("{message} (call log: {code})"));
         self.notices.push((code, message));
     }
 
@@ -193,9 +195,7 @@ pub fn is_absolute_http_url(s: &str) -> bool {
 pub(crate) fn plus_as_space(param: &str, value: &str) -> Option<String> {
     let digits = value.strip_prefix(' ')?;
     (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| {
-        format!(
-            "{param} is {value:?}: a `+` sent unencoded decodes to a space (encode it as %2B)"
-        )
+        format!("{param} is {value:?}: a `+` sent unencoded decodes to a space (encode it as %2B)")
     })
 }
 
@@ -281,8 +281,7 @@ pub(crate) fn judge_twiml(
     if chars > MAX_TWIML_CHARS {
         return Err(findings.refuse(RestError::twiml_too_long(chars)));
     }
-    let twiml =
-        twiml::parse(xml).map_err(|why| findings.refuse(RestError::invalid_twiml(&why)))?;
+    let twiml = twiml::parse(xml).map_err(|why| findings.refuse(RestError::invalid_twiml(&why)))?;
     for url in &twiml.urls {
         // The stream URL itself (wss://) is checked by the parser and not listed here.
         if !is_absolute_http_url(&url.value) {
@@ -323,9 +322,7 @@ pub(crate) fn judge_twiml(
             if !ok {
                 findings.notice(
                     13214,
-                    format!(
-                        "<Dial callerId={caller_id:?}> for SIP: only letters, digits and +-_."
-                    ),
+                    format!("<Dial callerId={caller_id:?}> for SIP: only letters, digits and +-_."),
                 );
             }
         } else if !is_e164(caller_id) || !ids.allows(caller_id) {
@@ -438,7 +435,9 @@ pub(crate) fn check_create(
     findings: &mut Findings,
 ) -> Result<NewCall, RestError> {
     form.check_names(CREATE_PARAMS, findings);
-    let to = form.get("To").ok_or_else(|| findings.refuse(RestError::missing_to()))?;
+    let to = form
+        .get("To")
+        .ok_or_else(|| findings.refuse(RestError::missing_to()))?;
     let from = form
         .get("From")
         .ok_or_else(|| findings.refuse(RestError::missing_from()))?;
@@ -467,11 +466,15 @@ pub(crate) fn check_create(
     let url = form.get("Url");
     let twiml = form.get("Twiml");
     let application_sid = form.get("ApplicationSid");
-    let given: Vec<&str> = [("Url", url), ("Twiml", twiml), ("ApplicationSid", application_sid)]
-        .iter()
-        .filter(|(_, v)| v.is_some())
-        .map(|(n, _)| *n)
-        .collect();
+    let given: Vec<&str> = [
+        ("Url", url),
+        ("Twiml", twiml),
+        ("ApplicationSid", application_sid),
+    ]
+    .iter()
+    .filter(|(_, v)| v.is_some())
+    .map(|(n, _)| *n)
+    .collect();
     match given.len() {
         0 => return Err(findings.refuse(RestError::url_required())),
         1 => {}
@@ -554,7 +557,10 @@ pub(crate) fn check_create(
         twiml,
         application_sid: application_sid.map(str::to_owned),
         status_callback,
-        status_callback_method: form.get("StatusCallbackMethod").unwrap_or("POST").to_owned(),
+        status_callback_method: form
+            .get("StatusCallbackMethod")
+            .unwrap_or("POST")
+            .to_owned(),
         status_callback_events: events,
         timeout,
         machine_detection,
@@ -582,12 +588,26 @@ mod tests {
     #[test]
     fn numbers_and_urls() {
         assert!(is_e164("+14155550142"));
-        for bad in ["14155550142", "+", "+0123456789", "+1415555014212345", " 14155550142", "+1 415"] {
+        for bad in [
+            "14155550142",
+            "+",
+            "+0123456789",
+            "+1415555014212345",
+            " 14155550142",
+            "+1 415",
+        ] {
             assert!(!is_e164(bad), "{bad}");
         }
         assert!(is_absolute_http_url("https://b.example/voice?cb=abc"));
         assert!(is_absolute_http_url("http://127.0.0.1:8080/x"));
-        for bad in ["/voice", "voice", "https://", "ftp://x/y", "https://a b/c", "wss://x/m"] {
+        for bad in [
+            "/voice",
+            "voice",
+            "https://",
+            "ftp://x/y",
+            "https://a b/c",
+            "wss://x/m",
+        ] {
             assert!(!is_absolute_http_url(bad), "{bad}");
         }
         assert!(plus_as_space("To", " 14155550142").is_some());
@@ -616,8 +636,14 @@ mod tests {
     #[test]
     fn update_refusals() {
         for (form, code) in [
-            (vec![("Status", "completed"), ("Twiml", "<Response/>")], 20001),
-            (vec![("Twiml", "<Response/>"), ("Url", "https://x/y")], 20001),
+            (
+                vec![("Status", "completed"), ("Twiml", "<Response/>")],
+                20001,
+            ),
+            (
+                vec![("Twiml", "<Response/>"), ("Url", "https://x/y")],
+                20001,
+            ),
             (vec![("Status", "Completed")], 20001),
             (vec![("Status", "completed"), ("TimeLimit", "0")], 20001),
             (vec![("Url", "/relative")], 21205),
@@ -650,11 +676,23 @@ mod tests {
     #[test]
     fn call_log_notices() {
         for (xml, code) in [
-            (r#"<Response><Dial action="/after">+15005550006</Dial></Response>"#, 15004),
+            (
+                r#"<Response><Dial action="/after">+15005550006</Dial></Response>"#,
+                15004,
+            ),
             ("<Response><Redirect>next</Redirect></Response>", 15004),
-            (r#"<Response><Dial callerId="+19995550000">+15005550006</Dial></Response>"#, 13214),
-            (r#"<Response><Dial callerId=" 14155550123">+15005550006</Dial></Response>"#, 13214),
-            (r#"<Response><Dial><Sip>sip:a@b</Sip></Dial><Dial callerId="a b"><Sip>sip:a@b</Sip></Dial></Response>"#, 13214),
+            (
+                r#"<Response><Dial callerId="+19995550000">+15005550006</Dial></Response>"#,
+                13214,
+            ),
+            (
+                r#"<Response><Dial callerId=" 14155550123">+15005550006</Dial></Response>"#,
+                13214,
+            ),
+            (
+                r#"<Response><Dial><Sip>sip:a@b</Sip></Dial><Dial callerId="a b"><Sip>sip:a@b</Sip></Dial></Response>"#,
+                13214,
+            ),
             ("<Response><Dial>15005550006</Dial></Response>", 13223),
         ] {
             let mut findings = Findings::default();
@@ -675,7 +713,11 @@ mod tests {
     #[test]
     fn unknown_and_repeated_names() {
         let mut findings = Findings::default();
-        let form = pairs(&[("status", "completed"), ("TimeLimit", "5"), ("TimeLimit", "6")]);
+        let form = pairs(&[
+            ("status", "completed"),
+            ("TimeLimit", "5"),
+            ("TimeLimit", "6"),
+        ]);
         assert_eq!(
             check_update(&Form::new(&form), IDS, &mut findings).unwrap(),
             UpdateAction::Nothing
@@ -693,8 +735,14 @@ mod tests {
         let numbers = ["+18005550100".to_owned()];
         let call = check_create(&Form::new(&decoded), &numbers, &mut findings).unwrap();
         assert!(findings.violations.is_empty(), "{:?}", findings.violations);
-        assert_eq!(call.url.as_deref(), Some("https://bridge.example.com/voice?cb=abc"));
-        assert_eq!(call.status_callback_events, ["initiated", "answered", "completed"]);
+        assert_eq!(
+            call.url.as_deref(),
+            Some("https://bridge.example.com/voice?cb=abc")
+        );
+        assert_eq!(
+            call.status_callback_events,
+            ["initiated", "answered", "completed"]
+        );
         assert_eq!(call.timeout, 30);
     }
 
@@ -705,23 +753,82 @@ mod tests {
         for (form, code, violation) in [
             (vec![("From", "+18005550100"), url], 21201, true),
             (vec![("To", "+14155550142"), url], 21213, true),
-            (vec![("To", " 14155550142"), ("From", "+18005550100"), url], 21211, true),
-            (vec![("To", "12345"), ("From", "+18005550100"), url], 21211, false),
-            (vec![("To", "+14155550142"), ("From", " 18005550100"), url], 21212, true),
-            (vec![("To", "+14155550142"), ("From", "Acme"), url], 21212, false),
-            (vec![("To", "+14155550142"), ("From", "+18005550111"), url], 21210, false),
-            (vec![("To", "+14155550142"), ("From", "+18005550100")], 21205, true),
-            (vec![("To", "+14155550142"), ("From", "+18005550100"), ("Url", "/voice")], 21205, true),
-            (vec![("To", "+14155550142"), ("From", "+18005550100"), url, ("Twiml", "<Response/>")], 20001, true),
-            (vec![("To", "+14155550142"), ("From", "+18005550100"), url, ("StatusCallbackEvent", "initiated answered")], 20001, true),
+            (
+                vec![("To", " 14155550142"), ("From", "+18005550100"), url],
+                21211,
+                true,
+            ),
+            (
+                vec![("To", "12345"), ("From", "+18005550100"), url],
+                21211,
+                false,
+            ),
+            (
+                vec![("To", "+14155550142"), ("From", " 18005550100"), url],
+                21212,
+                true,
+            ),
+            (
+                vec![("To", "+14155550142"), ("From", "Acme"), url],
+                21212,
+                false,
+            ),
+            (
+                vec![("To", "+14155550142"), ("From", "+18005550111"), url],
+                21210,
+                false,
+            ),
+            (
+                vec![("To", "+14155550142"), ("From", "+18005550100")],
+                21205,
+                true,
+            ),
+            (
+                vec![
+                    ("To", "+14155550142"),
+                    ("From", "+18005550100"),
+                    ("Url", "/voice"),
+                ],
+                21205,
+                true,
+            ),
+            (
+                vec![
+                    ("To", "+14155550142"),
+                    ("From", "+18005550100"),
+                    url,
+                    ("Twiml", "<Response/>"),
+                ],
+                20001,
+                true,
+            ),
+            (
+                vec![
+                    ("To", "+14155550142"),
+                    ("From", "+18005550100"),
+                    url,
+                    ("StatusCallbackEvent", "initiated answered"),
+                ],
+                20001,
+                true,
+            ),
         ] {
             let mut findings = Findings::default();
             let err = check_create(&Form::new(&pairs(&form)), &numbers, &mut findings).unwrap_err();
             assert_eq!(err.code, code, "{form:?}: {err:?}");
-            assert_eq!(!findings.violations.is_empty(), violation, "{form:?}: {:?}", findings.violations);
+            assert_eq!(
+                !findings.violations.is_empty(),
+                violation,
+                "{form:?}: {:?}",
+                findings.violations
+            );
         }
         let mut findings = Findings::default();
-        let sip = pairs(&[("To", "sip:agent@pbx.example.com"), ("From", "+18005550100"), url]);
+        let sip = pairs(&[
+            ("To", "sip:agent@pbx.example.com"),
+            ("From", "+18005550100"),
+            url,
+        ]);
         assert!(check_create(&Form::new(&sip), &numbers, &mut findings).is_ok());
     }
 }

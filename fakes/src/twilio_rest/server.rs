@@ -136,13 +136,11 @@ impl Shared {
             }
             let changed = changes.changed();
             let woke = match deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, changed).await.ok(),
-                None => Some(changed.await),
+                Some(deadline) => tokio::time::timeout_at(deadline, changed).await.ok()?,
+                None => changed.await,
             };
-            // The sender lives in `self`: `changed` cannot fail while we borrow it.
-            if woke.is_none() {
-                return None;
-            }
+            // The sender lives in `self`: the channel cannot close while we borrow it.
+            debug_assert!(woke.is_ok());
         }
     }
 }
@@ -329,7 +327,10 @@ impl FakeTwilioRest {
     /// Resolves with the first event (past or future) that ends `call_sid`'s media stream
     /// (hang-up, redirect, far-side end): the moment Twilio would send `stop` and close. It
     /// owns what it needs, so a harness can spawn it; it waits as long as it takes.
-    pub fn on_stream_end(&self, call_sid: &str) -> impl Future<Output = CallEvent> + Send + 'static {
+    pub fn on_stream_end(
+        &self,
+        call_sid: &str,
+    ) -> impl Future<Output = CallEvent> + Send + 'static {
         let shared = self.shared.clone();
         let sid = call_sid.to_owned();
         async move {
@@ -500,7 +501,11 @@ async fn connection(mut stream: TcpStream, shared: Arc<Shared>) {
                 Parsed::Incomplete { expect_continue } => {
                     if expect_continue && !continued {
                         continued = true;
-                        if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+                        if stream
+                            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -613,7 +618,10 @@ impl Outcome {
     fn error(format: Format, error: RestError) -> Outcome {
         let mut headers = Vec::new();
         if error.status == 401 {
-            headers.push(("WWW-Authenticate".into(), "Basic realm=\"Twilio API\"".into()));
+            headers.push((
+                "WWW-Authenticate".into(),
+                "Basic realm=\"Twilio API\"".into(),
+            ));
         }
         Outcome {
             format,
@@ -648,12 +656,22 @@ fn handle(shared: &Arc<Shared>, req: &Request, in_flight: usize) -> (Response, D
     let mut findings = Findings::default();
     let (outcome, call_for_notices) = process(shared, req, &mut record, in_flight, &mut findings);
     let (status, content_type, body) = match (&outcome.result, outcome.format) {
-        (Ok((status, value)), Format::Json) => {
-            (*status, "application/json; charset=utf-8", value.to_string())
-        }
+        (Ok((status, value)), Format::Json) => (
+            *status,
+            "application/json; charset=utf-8",
+            value.to_string(),
+        ),
         (Ok((status, value)), Format::Xml) => {
-            let root = if record.call_sid.is_some() { "Call" } else { "Calls" };
-            (*status, "application/xml; charset=utf-8", calls::to_xml(value, root))
+            let root = if record.call_sid.is_some() {
+                "Call"
+            } else {
+                "Calls"
+            };
+            (
+                *status,
+                "application/xml; charset=utf-8",
+                calls::to_xml(value, root),
+            )
         }
         (Err(e), Format::Json) => (e.status, "application/json; charset=utf-8", e.to_json()),
         (Err(e), Format::Xml) => (e.status, "application/xml; charset=utf-8", e.to_xml()),
@@ -706,29 +724,40 @@ fn process(
     }
     // Authentication first: Twilio answers 401 before it looks at the path.
     let Some(header) = req.header("authorization") else {
-        findings.violation(
-            "no Authorization header (HTTP Basic with the Account SID or an API key)",
+        findings
+            .violation("no Authorization header (HTTP Basic with the Account SID or an API key)");
+        return (
+            Outcome::error(Format::Json, RestError::authenticate()),
+            None,
         );
-        return (Outcome::error(Format::Json, RestError::authenticate()), None);
     };
     let (user, password) = match http::basic_credentials(header) {
         Ok(pair) => pair,
         Err(why) => {
             findings.violation(why);
-            return (Outcome::error(Format::Json, RestError::authenticate()), None);
+            return (
+                Outcome::error(Format::Json, RestError::authenticate()),
+                None,
+            );
         }
     };
     record.auth_user = Some(user.clone());
     let account = &shared.account;
     if !account.accepts(&user, &password) {
         // Wrong credentials are a configuration a test may set up on purpose: no violation.
-        return (Outcome::error(Format::Json, RestError::authenticate()), None);
+        return (
+            Outcome::error(Format::Json, RestError::authenticate()),
+            None,
+        );
     }
     let Some(route) = route(path) else {
         findings.violation(format!(
             "no such resource: {path} (expected {API_PREFIX}{{AccountSid}}/Calls[/{{CallSid}}].json)"
         ));
-        return (Outcome::error(Format::Json, RestError::not_found(path)), None);
+        return (
+            Outcome::error(Format::Json, RestError::not_found(path)),
+            None,
+        );
     };
     record.call_sid = route.call_sid.clone();
     let format = route.format;
@@ -740,9 +769,7 @@ fn process(
         return (Outcome::error(format, RestError::authenticate()), None);
     }
     if format == Format::Xml {
-        findings.violation(format!(
-            "{path} does not end in .json: Twilio answers XML"
-        ));
+        findings.violation(format!("{path} does not end in .json: Twilio answers XML"));
     }
     if let Some(outcome) = injected(shared, format, in_flight) {
         return (outcome, None);
@@ -756,7 +783,10 @@ fn process(
     let form = Form::new(&form);
     match (req.method.as_str(), route.call_sid) {
         ("GET", Some(sid)) => (fetch(shared, &sid, path, format, findings), Some(sid)),
-        ("POST", Some(sid)) => (update(shared, &sid, path, format, &form, findings), Some(sid)),
+        ("POST", Some(sid)) => (
+            update(shared, &sid, path, format, &form, findings),
+            Some(sid),
+        ),
         ("POST", None) => create(shared, format, &form, findings),
         ("GET", None) => {
             let st = lock(&shared.state);
@@ -787,12 +817,13 @@ fn injected(shared: &Shared, format: Format, in_flight: usize) -> Option<Outcome
             controls.fail_429 -= 1;
         }
         let mut outcome = Outcome::error(format, RestError::too_many_requests());
-        outcome.headers.push((
-            "Twilio-Concurrent-Requests".into(),
-            in_flight.to_string(),
-        ));
+        outcome
+            .headers
+            .push(("Twilio-Concurrent-Requests".into(), in_flight.to_string()));
         if let Some(secs) = controls.retry_after {
-            outcome.headers.push(("Retry-After".into(), secs.to_string()));
+            outcome
+                .headers
+                .push(("Retry-After".into(), secs.to_string()));
         }
         return Some(outcome);
     }
@@ -932,7 +963,10 @@ fn update(
             None
         }
     };
-    let resource = st.calls.get(sid).map(|c| c.resource(&shared.account.account_sid));
+    let resource = st
+        .calls
+        .get(sid)
+        .map(|c| c.resource(&shared.account.account_sid));
     if let Some(event) = event {
         shared.emit(&mut st, event);
     }
