@@ -467,7 +467,38 @@ async fn the_transfer_vector_redirects_a_live_call() {
         .unwrap()
         .starts_with("<?xml version=\"1.0\""));
     assert!(fake.call_log().is_empty(), "{:?}", fake.call_log());
+
+    // The redirected call's next stream ends with the next event.
+    let second_end = tokio::spawn(fake.on_nth_stream_end(LIVE, 1));
+    assert_eq!(
+        send(&fake, "POST", &call_path(&fake, LIVE), "Status=completed")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        timeout(Duration::from_secs(5), second_end)
+            .await
+            .unwrap()
+            .unwrap(),
+        CallEvent::Completed { sid: LIVE.into() }
+    );
     fake.assert_no_violations();
+    // A refused request still shows under its call.
+    let raw = raw_request(
+        "POST",
+        &call_path(&fake, LIVE),
+        Some(&basic("ACx", "y")),
+        Some(FORM),
+        "Status=completed",
+    );
+    assert_eq!(Conn::open(&fake).await.send(&raw).await.status, 401);
+    let updates = fake.updates_for(LIVE);
+    assert_eq!(
+        updates.iter().map(|u| u.status).collect::<Vec<_>>(),
+        [200, 200, 401]
+    );
+    assert_eq!(updates[2].auth_user.as_deref(), Some("ACx"));
 }
 
 /// `Status=completed` ends the call once; after it (or after the caller hung up first) the

@@ -146,7 +146,8 @@ impl<'a> Form<'a> {
     }
 
     /// Unknown names (a case mismatch included: `status` is not `Status`), and a single-valued
-    /// name given twice, are violations; Twilio ignores the first and takes one of the second.
+    /// name given twice, are violations. Twilio ignores an unknown name and keeps one value of
+    /// a repeated one, so neither is refused.
     pub(crate) fn check_names(&self, known: &[&str], findings: &mut Findings) {
         for (i, (name, _)) in self.pairs.iter().enumerate() {
             if !known.contains(&name.as_str()) {
@@ -304,9 +305,14 @@ pub(crate) fn judge_twiml(
         for noun in &dial.nouns {
             if let DialNoun::Number(number) = noun {
                 if !is_e164(number) {
+                    let hint = if number.bytes().all(|b| b.is_ascii_digit()) {
+                        " (a `+` sent unencoded arrives as a space)"
+                    } else {
+                        ""
+                    };
                     findings.notice(
                         13223,
-                        format!("<Dial> number {number:?} is not in E.164 (+ and digits)"),
+                        format!("<Dial> number {number:?} is not in E.164 (+ and digits){hint}"),
                     );
                 }
             }
@@ -462,6 +468,12 @@ pub(crate) fn check_create(
     }
     if is_e164(from) && !numbers.iter().any(|n| n == from) {
         return Err(RestError::unverified_from(from));
+    }
+    if let Some(why) = form
+        .get("CallerId")
+        .and_then(|id| plus_as_space("CallerId", id))
+    {
+        findings.violation(why);
     }
     let url = form.get("Url");
     let twiml = form.get("Twiml");

@@ -331,6 +331,16 @@ impl FakeTwilioRest {
         &self,
         call_sid: &str,
     ) -> impl Future<Output = CallEvent> + Send + 'static {
+        self.on_nth_stream_end(call_sid, 0)
+    }
+
+    /// [`Self::on_stream_end`] for the call's stream number `n` (from 0): after a redirect to
+    /// a new `<Connect><Stream>`, the next stream of the same call ends with the next event.
+    pub fn on_nth_stream_end(
+        &self,
+        call_sid: &str,
+        n: usize,
+    ) -> impl Future<Output = CallEvent> + Send + 'static {
         let shared = self.shared.clone();
         let sid = call_sid.to_owned();
         async move {
@@ -338,7 +348,8 @@ impl FakeTwilioRest {
                 .wait_for(None, |st| {
                     st.events
                         .iter()
-                        .find(|e| e.sid() == sid && e.ends_stream())
+                        .filter(|e| e.sid() == sid && e.ends_stream())
+                        .nth(n)
                         .cloned()
                 })
                 .await;
@@ -719,6 +730,8 @@ fn process(
     findings: &mut Findings,
 ) -> (Outcome, Option<String>) {
     let path = req.path();
+    // Known before anything is checked, so that refused requests show under their call too.
+    record.call_sid = route(path).and_then(|r| r.call_sid);
     if req.version == "HTTP/1.1" && req.header("host").is_none() {
         findings.violation("no Host header (required in HTTP/1.1)");
     }
@@ -759,7 +772,6 @@ fn process(
             None,
         );
     };
-    record.call_sid = route.call_sid.clone();
     let format = route.format;
     if route.account_sid != account.account_sid {
         findings.violation(format!(
