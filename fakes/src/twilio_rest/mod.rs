@@ -29,6 +29,7 @@
 //! an `.await`; waits use a `watch` counter bumped on every change, so they never poll.
 
 mod calls;
+mod dispatch;
 mod errors;
 mod http;
 mod outbound;
