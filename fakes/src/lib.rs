@@ -12,6 +12,9 @@
 //!   echoed after their audio or at once, `clear` echoes every pending mark).
 //! - [`twilio`]: the Twilio side's wire shapes (what Twilio sends, strict parsing of what the
 //!   service sends back) and request signing (A5).
+//! - [`twilio_rest`]: THE fake Twilio REST API, Calls resource (`reference/twilio-rest.md`):
+//!   hang-up, redirect and create checked strictly, call state, signed status callbacks and
+//!   voice requests for created calls, and the events a harness turns into the stream's `stop`.
 //! - [`g711`]: µ-law encode/decode (C).
 //! - [`twiml`]: TwiML read strictly, as Twilio reads it (A4).
 //! - [`webhook`]: Twilio's voice webhook: the signed POST of an incoming call, and its TwiML.
@@ -27,6 +30,7 @@ pub mod live;
 pub mod openai;
 pub mod playback;
 pub mod twilio;
+pub mod twilio_rest;
 pub mod twiml;
 pub mod webhook;
 

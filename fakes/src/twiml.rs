@@ -1,22 +1,45 @@
-//! Reading TwiML as Twilio does (`reference/protocols.md` A4, `twilio-rest.md`): a strict XML
-//! parse with `quick-xml` (never the service's builder), into the verbs a bridge uses.
+//! Reading TwiML as Twilio does (`reference/protocols.md` A4, `twilio-rest.md` C and E): a
+//! strict XML parse with `quick-xml` (never the service's builder), into the verbs a bridge
+//! uses.
 //!
 //! What Twilio would refuse is an error here: a document that is not well-formed XML, a root
-//! other than `<Response>`, an unknown verb, `<Connect>` without exactly one `<Stream>`, a
-//! stream URL that is not an absolute `wss://` (or, for tests on 127.0.0.1, `ws://`) URL or has
-//! a query string, a `<Parameter>` without `name`/`value` or whose name and value together are
-//! 500 characters or more, a `<Dial>` with nothing to dial.
+//! other than `<Response>`, an unknown verb or noun, an attribute a verb does not have (Twilio's
+//! schema check, 12200), a malformed attribute value (`answerOnBridge="yes"`, `timeout="0"`,
+//! `method="PUT"`), `<Connect>` without exactly one `<Stream>`, a stream URL that is not an
+//! absolute `wss://` (or, for tests on 127.0.0.1, `ws://`) URL or has a query string, a
+//! `<Parameter>` without `name`/`value` or whose name and value together are 500 characters or
+//! more, a `<Dial>` with nothing to dial, more than ten `<Number>`s, a `<Sip>` that is not alone
+//! in its `<Dial>` or whose URI is not `sip:…` under 255 characters, a `<Redirect>` without a
+//! URL.
+//!
+//! What depends on where the document came from is left to the caller: every URL the document
+//! names is listed in [`Twiml::urls`], so the REST fake can require absolute ones (15004), and
+//! phone numbers and caller IDs are returned as written, for the caller to judge against the
+//! call and the account.
 
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
-/// A parsed TwiML document: its verbs in order.
+/// A parsed TwiML document: its verbs in order, and every URL it names.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Twiml {
     pub verbs: Vec<Verb>,
+    /// Every URL-valued attribute (`action`, `url`, `statusCallback`, …) and URL text
+    /// (`<Redirect>`, `<Play>`), in document order.
+    pub urls: Vec<UrlRef>,
 }
 
-/// The verbs a bridge answers with.
+/// A URL a TwiML document names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlRef {
+    /// The element that carries it (`Dial`, `Number`, `Redirect`, …).
+    pub element: String,
+    /// The attribute, or `None` when it is the element's text.
+    pub attribute: Option<String>,
+    pub value: String,
+}
+
+/// The verbs a bridge answers with or sends through the REST API.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verb {
     /// `<Connect><Stream url>` with its `<Parameter>`s (in document order).
@@ -24,17 +47,75 @@ pub enum Verb {
         stream_url: String,
         parameters: Vec<(String, String)>,
     },
-    /// `<Say>` and its (unescaped) text.
-    Say(String),
-    /// `<Dial>`: its `callerId` attribute and the target (the text, or a `<Number>`/`<Sip>`).
-    Dial {
-        caller_id: Option<String>,
-        target: String,
+    /// `<Say>`: its (unescaped) text and `voice`/`language` attributes.
+    Say {
+        text: String,
+        voice: Option<String>,
+        language: Option<String>,
     },
+    /// `<Dial>` with its attributes and nouns.
+    Dial(Dial),
     Hangup,
-    Pause,
+    /// `<Pause length>` (seconds, 1 when absent).
+    Pause {
+        length: u32,
+    },
     /// `<Play>` and its URL (or `digits`).
     Play(String),
+    /// `<Redirect method>` and its URL.
+    Redirect {
+        url: String,
+        method: Option<String>,
+    },
+}
+
+impl Verb {
+    /// `<Say>` without attributes.
+    pub fn say(text: &str) -> Verb {
+        Verb::Say {
+            text: text.to_owned(),
+            voice: None,
+            language: None,
+        }
+    }
+}
+
+/// A `<Dial>`: the attributes a bridge sets and what it dials.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dial {
+    pub caller_id: Option<String>,
+    pub answer_on_bridge: Option<bool>,
+    /// Ring time in seconds.
+    pub timeout: Option<u32>,
+    /// Maximum length of the bridged call in seconds.
+    pub time_limit: Option<u32>,
+    pub action: Option<String>,
+    pub method: Option<String>,
+    /// What is dialled, in document order (a bare `<Dial>+1…</Dial>` is one `Number`).
+    pub nouns: Vec<DialNoun>,
+}
+
+impl Dial {
+    /// The first thing dialled (a number, a `sip:` URI or a client name).
+    pub fn target(&self) -> &str {
+        match self.nouns.first() {
+            Some(DialNoun::Number(s) | DialNoun::Sip(s) | DialNoun::Client(s)) => s,
+            None => "",
+        }
+    }
+
+    /// Whether this `<Dial>` calls a SIP URI (its caller ID rules differ).
+    pub fn is_sip(&self) -> bool {
+        self.nouns.iter().any(|n| matches!(n, DialNoun::Sip(_)))
+    }
+}
+
+/// One noun of a `<Dial>`, with its text as written (trimmed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DialNoun {
+    Number(String),
+    Sip(String),
+    Client(String),
 }
 
 impl Twiml {
@@ -61,11 +142,94 @@ impl Twiml {
             None => &self.verbs,
         }
     }
+
+    /// The first `<Dial>` of the document, if any.
+    pub fn dial(&self) -> Option<&Dial> {
+        self.verbs.iter().find_map(|verb| match verb {
+            Verb::Dial(dial) => Some(dial),
+            _ => None,
+        })
+    }
 }
 
 /// Twilio: "the combined length of each `<Parameter>` name and value attributes must be under
 /// 500 characters".
 pub const MAX_PARAMETER_CHARS: usize = 500;
+
+/// `<Number>`s one `<Dial>` may ring at once.
+pub const MAX_NUMBERS: usize = 10;
+
+/// A `<Sip>` URI must be under this many characters.
+pub const MAX_SIP_URI_CHARS: usize = 255;
+
+// The attributes each element has (Twilio's TwiML reference); any other is refused. The lists
+// are the documented ones a bridge could plausibly use, not every attribute Twilio knows.
+const CONNECT_ATTRS: &[&str] = &["action", "method"];
+const STREAM_ATTRS: &[&str] = &[
+    "url",
+    "name",
+    "track",
+    "statusCallback",
+    "statusCallbackMethod",
+];
+const PARAMETER_ATTRS: &[&str] = &["name", "value"];
+const SAY_ATTRS: &[&str] = &["voice", "language", "loop"];
+const PLAY_ATTRS: &[&str] = &["loop", "digits"];
+const PAUSE_ATTRS: &[&str] = &["length"];
+const REDIRECT_ATTRS: &[&str] = &["method"];
+const DIAL_ATTRS: &[&str] = &[
+    "action",
+    "answerOnBridge",
+    "callerId",
+    "hangupOnStar",
+    "method",
+    "record",
+    "recordingStatusCallback",
+    "recordingStatusCallbackEvent",
+    "recordingStatusCallbackMethod",
+    "recordingTrack",
+    "referMethod",
+    "referUrl",
+    "ringTone",
+    "sequential",
+    "timeLimit",
+    "timeout",
+    "trim",
+];
+const NUMBER_ATTRS: &[&str] = &[
+    "sendDigits",
+    "url",
+    "method",
+    "statusCallback",
+    "statusCallbackEvent",
+    "statusCallbackMethod",
+    "byoc",
+];
+const SIP_ATTRS: &[&str] = &[
+    "username",
+    "password",
+    "url",
+    "method",
+    "statusCallback",
+    "statusCallbackEvent",
+    "statusCallbackMethod",
+];
+const CLIENT_ATTRS: &[&str] = &[
+    "url",
+    "method",
+    "statusCallback",
+    "statusCallbackEvent",
+    "statusCallbackMethod",
+];
+
+/// Attributes whose value is a URL, on any element.
+const URL_ATTRS: &[&str] = &[
+    "action",
+    "url",
+    "statusCallback",
+    "recordingStatusCallback",
+    "referUrl",
+];
 
 /// Parses `xml` strictly. The error names what Twilio would have refused.
 pub fn parse(xml: &str) -> Result<Twiml, String> {
@@ -83,6 +247,7 @@ pub fn parse(xml: &str) -> Result<Twiml, String> {
                 if e.name().as_ref() != b"Response" {
                     return Err(format!("root element is <{}>, not <Response>", name(&e)));
                 }
+                check_attrs(&e, &[])?;
                 root_seen = true;
                 read_verbs(&mut reader, &mut twiml)?;
             }
@@ -90,6 +255,7 @@ pub fn parse(xml: &str) -> Result<Twiml, String> {
                 if e.name().as_ref() != b"Response" {
                     return Err(format!("root element is <{}>, not <Response>", name(&e)));
                 }
+                check_attrs(&e, &[])?;
                 root_seen = true;
             }
             Event::Eof => break,
@@ -126,6 +292,70 @@ fn attr(e: &BytesStart<'_>, key: &str) -> Result<Option<String>, String> {
     Ok(None)
 }
 
+/// Every attribute of `e` is one of `allowed` (names are case-sensitive, as in Twilio's
+/// schema: `callerID` is not `callerId`).
+fn check_attrs(e: &BytesStart<'_>, allowed: &[&str]) -> Result<(), String> {
+    for a in e.attributes() {
+        let a = a.map_err(|err| format!("bad attribute on <{}>: {err}", name(e)))?;
+        let key = String::from_utf8_lossy(a.key.as_ref());
+        if !allowed.contains(&key.as_ref()) {
+            return Err(format!(
+                "<{}> has no attribute `{key}` (schema validation, 12200)",
+                name(e)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks `e`'s attributes against `allowed` and lists its URL-valued ones in `twiml.urls`.
+fn element_attrs(e: &BytesStart<'_>, allowed: &[&str], twiml: &mut Twiml) -> Result<(), String> {
+    check_attrs(e, allowed)?;
+    for key in URL_ATTRS.iter().filter(|k| allowed.contains(k)) {
+        if let Some(value) = attr(e, key)? {
+            twiml.urls.push(UrlRef {
+                element: name(e),
+                attribute: Some((*key).to_owned()),
+                value,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `GET` or `POST`, the only methods TwiML attributes take.
+fn method_attr(e: &BytesStart<'_>, key: &str) -> Result<Option<String>, String> {
+    match attr(e, key)? {
+        Some(m) if m != "GET" && m != "POST" => {
+            Err(format!("<{} {key}={m:?}>: only GET or POST", name(e)))
+        }
+        other => Ok(other),
+    }
+}
+
+fn bool_attr(e: &BytesStart<'_>, key: &str) -> Result<Option<bool>, String> {
+    match attr(e, key)?.as_deref() {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(other) => Err(format!("<{} {key}={other:?}>: only true or false", name(e))),
+    }
+}
+
+/// A whole number of at least `min` (digits only: no sign, no unit, no fraction).
+fn int_attr(e: &BytesStart<'_>, key: &str, min: u32) -> Result<Option<u32>, String> {
+    let Some(text) = attr(e, key)? else {
+        return Ok(None);
+    };
+    match text.parse::<u32>() {
+        Ok(n) if n >= min && text.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n)),
+        _ => Err(format!(
+            "<{} {key}={text:?}>: not a whole number of at least {min}",
+            name(e)
+        )),
+    }
+}
+
 /// Reads verbs until `</Response>`.
 fn read_verbs(reader: &mut Reader<&[u8]>, twiml: &mut Twiml) -> Result<(), String> {
     loop {
@@ -137,13 +367,47 @@ fn read_verbs(reader: &mut Reader<&[u8]>, twiml: &mut Twiml) -> Result<(), Strin
             Event::Comment(_) => {}
             Event::Start(e) => {
                 let verb = match e.name().as_ref() {
-                    b"Connect" => read_connect(reader)?,
-                    b"Say" => Verb::Say(read_text(reader, "Say")?),
-                    b"Play" => Verb::Play(read_text(reader, "Play")?),
+                    b"Connect" => {
+                        element_attrs(&e, CONNECT_ATTRS, twiml)?;
+                        method_attr(&e, "method")?;
+                        read_connect(reader, twiml)?
+                    }
+                    b"Say" => {
+                        element_attrs(&e, SAY_ATTRS, twiml)?;
+                        int_attr(&e, "loop", 0)?;
+                        Verb::Say {
+                            voice: attr(&e, "voice")?,
+                            language: attr(&e, "language")?,
+                            text: read_text(reader, "Say")?,
+                        }
+                    }
+                    b"Play" => {
+                        element_attrs(&e, PLAY_ATTRS, twiml)?;
+                        int_attr(&e, "loop", 0)?;
+                        let url = read_text(reader, "Play")?;
+                        push_text_url(twiml, "Play", &url)?;
+                        Verb::Play(url)
+                    }
+                    b"Redirect" => {
+                        element_attrs(&e, REDIRECT_ATTRS, twiml)?;
+                        let method = method_attr(&e, "method")?;
+                        let url = read_text(reader, "Redirect")?;
+                        push_text_url(twiml, "Redirect", &url)?;
+                        Verb::Redirect { url, method }
+                    }
                     b"Dial" => {
-                        let caller_id = attr(&e, "callerId")?;
-                        let target = read_dial(reader)?;
-                        Verb::Dial { caller_id, target }
+                        element_attrs(&e, DIAL_ATTRS, twiml)?;
+                        let mut dial = dial_attrs(&e)?;
+                        dial.nouns = read_dial(reader, twiml)?;
+                        Verb::Dial(dial)
+                    }
+                    b"Hangup" | b"Pause" => {
+                        let verb = empty_verb(&e, twiml)?;
+                        let noun = name(&e);
+                        if !read_text(reader, &noun)?.is_empty() {
+                            return Err(format!("<{noun}> takes no text"));
+                        }
+                        verb
                     }
                     _ => return Err(format!("unknown verb <{}>", name(&e))),
                 };
@@ -151,11 +415,18 @@ fn read_verbs(reader: &mut Reader<&[u8]>, twiml: &mut Twiml) -> Result<(), Strin
             }
             Event::Empty(e) => {
                 let verb = match e.name().as_ref() {
-                    b"Hangup" => Verb::Hangup,
-                    b"Pause" => Verb::Pause,
-                    b"Play" => Verb::Play(attr(&e, "digits")?.unwrap_or_default()),
+                    b"Hangup" | b"Pause" => empty_verb(&e, twiml)?,
+                    b"Play" => {
+                        element_attrs(&e, PLAY_ATTRS, twiml)?;
+                        int_attr(&e, "loop", 0)?;
+                        let digits = attr(&e, "digits")?
+                            .filter(|d| !d.is_empty())
+                            .ok_or("<Play/> without a URL or digits")?;
+                        Verb::Play(digits)
+                    }
                     b"Connect" => return Err("<Connect/> without a <Stream>".into()),
                     b"Dial" => return Err("<Dial/> with nothing to dial".into()),
+                    b"Redirect" => return Err("<Redirect/> without a URL".into()),
                     _ => return Err(format!("unknown or empty verb <{}/>", name(&e))),
                 };
                 twiml.verbs.push(verb);
@@ -170,6 +441,31 @@ fn read_verbs(reader: &mut Reader<&[u8]>, twiml: &mut Twiml) -> Result<(), Strin
             other => return Err(format!("unexpected {other:?} in <Response>")),
         }
     }
+}
+
+/// `<Hangup>` or `<Pause>`, whose content is empty.
+fn empty_verb(e: &BytesStart<'_>, twiml: &mut Twiml) -> Result<Verb, String> {
+    if e.name().as_ref() == b"Hangup" {
+        element_attrs(e, &[], twiml)?;
+        return Ok(Verb::Hangup);
+    }
+    element_attrs(e, PAUSE_ATTRS, twiml)?;
+    Ok(Verb::Pause {
+        length: int_attr(e, "length", 1)?.unwrap_or(1),
+    })
+}
+
+/// The URL text of `<Redirect>`/`<Play>`, which must be there.
+fn push_text_url(twiml: &mut Twiml, element: &str, url: &str) -> Result<(), String> {
+    if url.is_empty() {
+        return Err(format!("<{element}> without a URL"));
+    }
+    twiml.urls.push(UrlRef {
+        element: element.to_owned(),
+        attribute: None,
+        value: url.to_owned(),
+    });
+    Ok(())
 }
 
 /// The text content of an element up to its end tag, unescaped; no child elements.
@@ -192,36 +488,105 @@ fn read_text(reader: &mut Reader<&[u8]>, verb: &str) -> Result<String, String> {
     }
 }
 
-/// `<Dial>`'s target: its text, or one `<Number>`/`<Sip>`/`<Client>` child.
-fn read_dial(reader: &mut Reader<&[u8]>) -> Result<String, String> {
-    let mut target = String::new();
+/// The attributes of `<Dial>` a bridge sets, checked.
+fn dial_attrs(e: &BytesStart<'_>) -> Result<Dial, String> {
+    bool_attr(e, "hangupOnStar")?;
+    method_attr(e, "referMethod")?;
+    method_attr(e, "recordingStatusCallbackMethod")?;
+    Ok(Dial {
+        caller_id: attr(e, "callerId")?,
+        answer_on_bridge: bool_attr(e, "answerOnBridge")?,
+        timeout: int_attr(e, "timeout", 1)?,
+        time_limit: int_attr(e, "timeLimit", 1)?,
+        action: attr(e, "action")?,
+        method: method_attr(e, "method")?,
+        nouns: Vec::new(),
+    })
+}
+
+/// `<Dial>`'s nouns: its text (one number), or `<Number>`s (up to ten), one `<Sip>` alone, or
+/// `<Client>`s.
+fn read_dial(reader: &mut Reader<&[u8]>, twiml: &mut Twiml) -> Result<Vec<DialNoun>, String> {
+    let mut text = String::new();
+    let mut nouns = Vec::new();
     loop {
         match reader
             .read_event()
             .map_err(|e| format!("not well-formed XML: {e}"))?
         {
-            Event::Text(t) => target.push_str(
+            Event::Text(t) => text.push_str(
                 &t.unescape()
                     .map_err(|e| format!("bad text in <Dial>: {e}"))?,
             ),
-            Event::Start(e) if matches!(e.name().as_ref(), b"Number" | b"Sip" | b"Client") => {
+            Event::Start(e) => {
                 let noun = name(&e);
-                target.push_str(&read_text(reader, &noun)?);
+                let allowed = match e.name().as_ref() {
+                    b"Number" => NUMBER_ATTRS,
+                    b"Sip" => SIP_ATTRS,
+                    b"Client" => CLIENT_ATTRS,
+                    _ => return Err(format!("unknown noun <{noun}> in <Dial>")),
+                };
+                element_attrs(&e, allowed, twiml)?;
+                method_attr(&e, "method")?;
+                method_attr(&e, "statusCallbackMethod")?;
+                let value = read_text(reader, &noun)?.trim().to_owned();
+                if value.is_empty() {
+                    return Err(format!("empty <{noun}> in <Dial>"));
+                }
+                nouns.push(match e.name().as_ref() {
+                    b"Number" => DialNoun::Number(value),
+                    b"Sip" => DialNoun::Sip(value),
+                    _ => DialNoun::Client(value),
+                });
             }
-            Event::Start(e) => return Err(format!("unknown noun <{}> in <Dial>", name(&e))),
+            Event::Empty(e) => return Err(format!("empty <{}/> in <Dial>", name(&e))),
             Event::End(_) => break,
+            Event::Comment(_) => {}
             other => return Err(format!("unexpected {other:?} in <Dial>")),
         }
     }
-    let target = target.trim().to_owned();
-    if target.is_empty() {
-        return Err("<Dial> with nothing to dial".into());
+    let text = text.trim();
+    match (text.is_empty(), nouns.is_empty()) {
+        (true, true) => return Err("<Dial> with nothing to dial".into()),
+        (false, false) => return Err("<Dial> mixes text and nouns".into()),
+        (false, true) => nouns.push(DialNoun::Number(text.to_owned())),
+        (true, false) => {}
     }
-    Ok(target)
+    let numbers = nouns
+        .iter()
+        .filter(|n| matches!(n, DialNoun::Number(_)))
+        .count();
+    if numbers > MAX_NUMBERS {
+        return Err(format!(
+            "<Dial> with {numbers} <Number>s (at most {MAX_NUMBERS})"
+        ));
+    }
+    let sips: Vec<&str> = nouns
+        .iter()
+        .filter_map(|n| match n {
+            DialNoun::Sip(uri) => Some(uri.as_str()),
+            _ => None,
+        })
+        .collect();
+    if !sips.is_empty() && nouns.len() > 1 {
+        return Err("a <Sip> must be the only noun of its <Dial>".into());
+    }
+    if let Some(uri) = sips.first() {
+        if !uri.starts_with("sip:") || uri.len() <= "sip:".len() {
+            return Err(format!("<Sip>{uri}</Sip> is not a sip: URI"));
+        }
+        if uri.chars().count() >= MAX_SIP_URI_CHARS {
+            return Err(format!(
+                "<Sip> URI of {} characters (must be under {MAX_SIP_URI_CHARS})",
+                uri.chars().count()
+            ));
+        }
+    }
+    Ok(nouns)
 }
 
 /// `<Connect>`: exactly one `<Stream url>` with `<Parameter>`s.
-fn read_connect(reader: &mut Reader<&[u8]>) -> Result<Verb, String> {
+fn read_connect(reader: &mut Reader<&[u8]>, twiml: &mut Twiml) -> Result<Verb, String> {
     let mut stream: Option<Verb> = None;
     loop {
         match reader
@@ -235,7 +600,7 @@ fn read_connect(reader: &mut Reader<&[u8]>) -> Result<Verb, String> {
                 if stream.is_some() {
                     return Err("more than one <Stream> in <Connect>".into());
                 }
-                let url = stream_url(&e)?;
+                let url = stream_url(&e, twiml)?;
                 let parameters = read_parameters(reader)?;
                 stream = Some(Verb::Connect {
                     stream_url: url,
@@ -247,7 +612,7 @@ fn read_connect(reader: &mut Reader<&[u8]>) -> Result<Verb, String> {
                     return Err("more than one <Stream> in <Connect>".into());
                 }
                 stream = Some(Verb::Connect {
-                    stream_url: stream_url(&e)?,
+                    stream_url: stream_url(&e, twiml)?,
                     parameters: Vec::new(),
                 });
             }
@@ -259,7 +624,16 @@ fn read_connect(reader: &mut Reader<&[u8]>) -> Result<Verb, String> {
     stream.ok_or_else(|| "<Connect> without a <Stream>".to_owned())
 }
 
-fn stream_url(e: &BytesStart<'_>) -> Result<String, String> {
+fn stream_url(e: &BytesStart<'_>, twiml: &mut Twiml) -> Result<String, String> {
+    check_attrs(e, STREAM_ATTRS)?;
+    method_attr(e, "statusCallbackMethod")?;
+    if let Some(callback) = attr(e, "statusCallback")? {
+        twiml.urls.push(UrlRef {
+            element: "Stream".into(),
+            attribute: Some("statusCallback".into()),
+            value: callback,
+        });
+    }
     let url = attr(e, "url")?.ok_or("<Stream> without a url")?;
     if !(url.starts_with("wss://") || url.starts_with("ws://")) {
         return Err(format!("<Stream url> {url:?} is not a wss:// URL"));
@@ -287,6 +661,7 @@ fn read_parameters(reader: &mut Reader<&[u8]>) -> Result<Vec<(String, String)>, 
             .map_err(|e| format!("not well-formed XML: {e}"))?
         {
             Event::Empty(e) if e.name().as_ref() == b"Parameter" => {
+                check_attrs(&e, PARAMETER_ATTRS)?;
                 let name = attr(&e, "name")?.ok_or("<Parameter> without a name")?;
                 let value = attr(&e, "value")?.ok_or("<Parameter> without a value")?;
                 let chars = name.chars().count() + value.chars().count();
@@ -328,11 +703,12 @@ mod tests {
         assert_eq!(
             twiml.after_connect(),
             &[
-                Verb::Say("Sorry & goodbye".into()),
-                Verb::Dial {
+                Verb::say("Sorry & goodbye"),
+                Verb::Dial(Dial {
                     caller_id: Some("+14155550100".into()),
-                    target: "+15005550006".into()
-                }
+                    nouns: vec![DialNoun::Number("+15005550006".into())],
+                    ..Dial::default()
+                })
             ]
         );
     }
@@ -382,9 +758,159 @@ mod tests {
     fn reads_a_fallback_only_answer() {
         let twiml = parse("<Response><Say>Busy.</Say><Hangup/></Response>").unwrap();
         assert!(twiml.stream().is_none());
+        assert_eq!(twiml.after_connect(), &[Verb::say("Busy."), Verb::Hangup]);
+    }
+
+    /// The verbs and attributes a transfer or goodbye sent through the REST API uses.
+    #[test]
+    fn reads_rest_verbs_with_their_attributes() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?><Response><Say voice="Polly.Joanna" language="en-US">One moment.</Say><Pause length="2"/><Dial callerId="+14155550123" answerOnBridge="true" timeout="30" timeLimit="600" action="https://b.example/after-dial" method="POST"><Number>+15005550006</Number><Number sendDigits="1">+15005550007</Number></Dial><Redirect method="POST">https://b.example/next</Redirect><Hangup/></Response>"#;
+        let twiml = parse(xml).unwrap();
         assert_eq!(
-            twiml.after_connect(),
-            &[Verb::Say("Busy.".into()), Verb::Hangup]
+            twiml.verbs,
+            vec![
+                Verb::Say {
+                    text: "One moment.".into(),
+                    voice: Some("Polly.Joanna".into()),
+                    language: Some("en-US".into()),
+                },
+                Verb::Pause { length: 2 },
+                Verb::Dial(Dial {
+                    caller_id: Some("+14155550123".into()),
+                    answer_on_bridge: Some(true),
+                    timeout: Some(30),
+                    time_limit: Some(600),
+                    action: Some("https://b.example/after-dial".into()),
+                    method: Some("POST".into()),
+                    nouns: vec![
+                        DialNoun::Number("+15005550006".into()),
+                        DialNoun::Number("+15005550007".into()),
+                    ],
+                }),
+                Verb::Redirect {
+                    url: "https://b.example/next".into(),
+                    method: Some("POST".into()),
+                },
+                Verb::Hangup,
+            ]
         );
+        let urls: Vec<(&str, Option<&str>, &str)> = twiml
+            .urls
+            .iter()
+            .map(|u| (u.element.as_str(), u.attribute.as_deref(), u.value.as_str()))
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                ("Dial", Some("action"), "https://b.example/after-dial"),
+                ("Redirect", None, "https://b.example/next"),
+            ]
+        );
+        let sip = parse(r#"<Response><Dial><Sip username="u" password="p">sip:agent@pbx.example.com</Sip></Dial></Response>"#).unwrap();
+        let dial = sip.dial().unwrap();
+        assert!(dial.is_sip());
+        assert_eq!(dial.target(), "sip:agent@pbx.example.com");
+        assert_eq!(
+            parse("<Response><Pause/><Hangup></Hangup></Response>")
+                .unwrap()
+                .verbs,
+            [Verb::Pause { length: 1 }, Verb::Hangup]
+        );
+    }
+
+    /// Attribute names and values, noun counts and the SIP rules are checked.
+    #[test]
+    fn refuses_bad_attributes_and_nouns() {
+        let eleven: String = (0..11)
+            .map(|i| format!("<Number>+1500555000{i}</Number>"))
+            .collect();
+        let long_sip = format!("<Sip>sip:{}@x.example</Sip>", "a".repeat(250));
+        for (xml, why) in [
+            (
+                r#"<Response><Dial callerID="+1">+15005550006</Dial></Response>"#.to_owned(),
+                "no attribute `callerID`",
+            ),
+            (
+                r#"<Response><Dial answerOnBridge="yes">+15005550006</Dial></Response>"#.to_owned(),
+                "true or false",
+            ),
+            (
+                r#"<Response><Dial timeout="0">+15005550006</Dial></Response>"#.to_owned(),
+                "at least 1",
+            ),
+            (
+                r#"<Response><Dial timeout="30s">+15005550006</Dial></Response>"#.to_owned(),
+                "whole number",
+            ),
+            (
+                r#"<Response><Dial method="PUT">+15005550006</Dial></Response>"#.to_owned(),
+                "GET or POST",
+            ),
+            (
+                r#"<Response><Pause length="-1"/></Response>"#.to_owned(),
+                "whole number",
+            ),
+            (
+                r#"<Response><Say colour="red">x</Say></Response>"#.to_owned(),
+                "no attribute `colour`",
+            ),
+            (
+                r#"<Response><Hangup reason="x"/></Response>"#.to_owned(),
+                "no attribute",
+            ),
+            (
+                "<Response><Hangup>now</Hangup></Response>".to_owned(),
+                "takes no text",
+            ),
+            (
+                "<Response><Redirect></Redirect></Response>".to_owned(),
+                "without a URL",
+            ),
+            (
+                "<Response><Redirect/></Response>".to_owned(),
+                "without a URL",
+            ),
+            (
+                "<Response><Play/></Response>".to_owned(),
+                "without a URL or digits",
+            ),
+            (
+                format!("<Response><Dial>{eleven}</Dial></Response>"),
+                "11 <Number>s",
+            ),
+            (
+                "<Response><Dial><Sip>sip:a@b</Sip><Number>+15005550006</Number></Dial></Response>"
+                    .to_owned(),
+                "only noun",
+            ),
+            (
+                "<Response><Dial><Sip>agent@pbx</Sip></Dial></Response>".to_owned(),
+                "not a sip: URI",
+            ),
+            (
+                format!("<Response><Dial>{long_sip}</Dial></Response>"),
+                "under 255",
+            ),
+            (
+                "<Response><Dial>+1<Number>+15005550006</Number></Dial></Response>".to_owned(),
+                "mixes",
+            ),
+            (
+                "<Response><Dial><Number></Number></Dial></Response>".to_owned(),
+                "empty <Number>",
+            ),
+            (
+                "<Response><Dial><Conference>x</Conference></Dial></Response>".to_owned(),
+                "unknown noun",
+            ),
+            (
+                r#"<Response><Connect><Stream url="wss://x/m" bogus="1"/></Connect></Response>"#
+                    .to_owned(),
+                "no attribute `bogus`",
+            ),
+        ] {
+            let err = parse(&xml).expect_err(&xml);
+            assert!(err.contains(why), "{xml}: {err}");
+        }
     }
 }

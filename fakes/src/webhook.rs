@@ -76,9 +76,15 @@ pub async fn answer_call(
     signing: &Signing,
 ) -> Result<Twiml, String> {
     let answer = post_form(voice_url, &call.form(), signing).await?;
+    twiml_answer(voice_url, &answer)
+}
+
+/// The TwiML of a webhook's answer, read as Twilio reads it: a 200 with an XML content type
+/// and a document [`twiml::parse`] accepts.
+pub fn twiml_answer(url: &str, answer: &Answer) -> Result<Twiml, String> {
     if answer.status != 200 {
         return Err(format!(
-            "{voice_url} answered HTTP {}: {}",
+            "{url} answered HTTP {}: {}",
             answer.status,
             crate::clip(&answer.body, 200)
         ));
@@ -89,7 +95,7 @@ pub async fn answer_call(
         .is_some_and(|t| t.starts_with("text/xml") || t.starts_with("application/xml"));
     if !xml_type {
         return Err(format!(
-            "{voice_url} answered Content-Type {:?}, not XML",
+            "{url} answered Content-Type {:?}, not XML",
             answer.content_type
         ));
     }
@@ -102,6 +108,33 @@ pub async fn post_form(
     form: &[(String, String)],
     signing: &Signing,
 ) -> Result<Answer, String> {
+    let body = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .finish();
+    let signature = signing
+        .auth_token
+        .as_deref()
+        .map(|token| compute_signature(token, signing.signed_url.as_deref().unwrap_or(url), form));
+    exchange("POST", url, Some(&body), signature.as_deref()).await
+}
+
+/// GETs `url` (its query string carries the parameters), signed as Twilio signs a GET webhook:
+/// over the URL, query included, with no parameters appended (A5).
+pub async fn get(url: &str, signing: &Signing) -> Result<Answer, String> {
+    let signature = signing
+        .auth_token
+        .as_deref()
+        .map(|token| compute_signature(token, signing.signed_url.as_deref().unwrap_or(url), &[]));
+    exchange("GET", url, None, signature.as_deref()).await
+}
+
+/// One request on a fresh connection (`Connection: close`), the answer read to the end.
+async fn exchange(
+    method: &str,
+    url: &str,
+    form_body: Option<&str>,
+    signature: Option<&str>,
+) -> Result<Answer, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url}: only http:// URLs (the fakes talk to 127.0.0.1)"))?;
@@ -109,24 +142,21 @@ pub async fn post_form(
         Some(i) => rest.split_at(i),
         None => (rest, "/"),
     };
-    let body = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(form.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .finish();
     let mut request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n\
-         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
-         Connection: close\r\n",
-        body.len()
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: {USER_AGENT}\r\n\
+         Connection: close\r\n"
     );
-    if let Some(token) = &signing.auth_token {
-        let signed = signing.signed_url.as_deref().unwrap_or(url);
+    if let Some(body) = form_body {
         request.push_str(&format!(
-            "X-Twilio-Signature: {}\r\n",
-            compute_signature(token, signed, form)
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
+            body.len()
         ));
     }
+    if let Some(signature) = signature {
+        request.push_str(&format!("X-Twilio-Signature: {signature}\r\n"));
+    }
     request.push_str("\r\n");
-    request.push_str(&body);
+    request.push_str(form_body.unwrap_or_default());
     let exchange = async {
         let mut stream = TcpStream::connect(authority)
             .await
