@@ -95,6 +95,7 @@ impl Application {
                 .checks_signatures()
                 .then(|| settings.secrets.twilio_auth_token.clone())
                 .flatten(),
+            settings.prices.clone(),
         )?;
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
             .with_context(|| {

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use callbridge_actors::config::OpenAiApi;
 use callbridge_actors::protocol::{signature, twilio, twiml};
 use callbridge_actors::{CallCount, EndedCalls, Engine, GetCall, ListCalls, UpstreamKind};
 use secrecy::ExposeSecret;
@@ -202,6 +203,20 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     });
     if upstream == UpstreamKind::Echo {
         body["warning"] = json!(echo_warning(&state.settings));
+    } else {
+        let openai = state.engine.openai_config();
+        body["api"] = json!(openai.api.as_str());
+        body["model"] = json!(match openai.api {
+            OpenAiApi::Realtime => &openai.model,
+            OpenAiApi::Live => &openai.live_model,
+        });
+        // Calls ended since start: how many, minutes of GPT-Live session, tokens, cost.
+        let mut totals = json!(state.engine.usage_totals());
+        totals["minutes"] =
+            json!((totals["minutes"].as_f64().unwrap_or(0.0) * 100.0).round() / 100.0);
+        totals["cost_usd"] =
+            json!((totals["cost_usd"].as_f64().unwrap_or(0.0) * 1e6).round() / 1e6);
+        body["usage"] = totals;
     }
     if let Some(warning) = state.settings.unchecked_warning() {
         body["security_warning"] = json!(warning);

@@ -26,6 +26,8 @@ pub struct Settings {
     pub twilio: TwilioSettings,
     pub fallback: FallbackSettings,
     pub log: LogSettings,
+    /// What the models cost, for the usage of each call.
+    pub prices: callbridge_actors::session::usage::Prices,
     /// From the environment only, never from a file.
     #[serde(skip)]
     pub secrets: Secrets,

@@ -88,6 +88,12 @@ impl Outbox {
         }
     }
 
+    /// Drops the caller audio still queued (control events stay).
+    pub(crate) fn drop_audio(&mut self) {
+        self.queue.retain(|(_, audio)| !audio);
+        self.audio = 0;
+    }
+
     /// A write has been waiting for the socket since then.
     pub(crate) fn blocked_since(&self) -> Option<Instant> {
         self.blocked_since

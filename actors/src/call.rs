@@ -24,20 +24,23 @@ use secrecy::SecretString;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::config::{CallConfig, OpenAiConfig, UpstreamKind};
+use crate::config::{CallConfig, OpenAiApi, OpenAiConfig, UpstreamKind};
 use crate::echo::EchoUpstream;
 use crate::engine::Engine;
+use crate::messages::UsageReport;
 use crate::messages::{
     AudioIn, AudioOut, CallCounters, CallIdentified, ClearAudio, ContextLine, Dtmf, GetSnapshot,
     MarkTail, Role, RouteCallerAudio, Stop, StopReason, StreamStarted, Transcript, UpstreamCommand,
     UpstreamEvent,
 };
+use crate::openai_live::OpenAiLiveActor;
 use crate::openai_realtime::{mailbox_capacity, LegPort, OpenAiRealtimeActor};
 use crate::registry::{
     CallEnded, CallSnapshot, DroppedFrames, Queued, Register, TranscriptEntry, Unregister,
 };
 use crate::session::restart::{Admission, Decision, LegFailure, RestartPolicy, Restarts};
 use crate::session::turns::{Action, Event, Turns, TurnsConfig};
+use crate::session::usage::{CallUsage, UsageMeter};
 use crate::twilio_stream::TwilioPort;
 
 /// A leg that stayed up this long has proven the upstream healthy again: its failure starts a
@@ -53,6 +56,9 @@ const CUT_ITEMS_KEPT: usize = 8;
 
 /// The transcript entries replayed into a new session after a restart (the most recent ones).
 const REPLAY_ENTRIES: usize = 50;
+
+/// A session whose end is announced (GPT-Live's `expires_at`) is rolled over this long before.
+const ROLLOVER_MARGIN: Duration = Duration::from_secs(300);
 
 /// A rollover waits for this long without a turn event (speech, response) before it swaps the
 /// session: the server creates a response a moment after the caller stops speaking, and that
@@ -118,9 +124,16 @@ fn engine_legs(engine: &Engine) -> LegFactory {
         UpstreamKind::OpenAi => {
             // invariant: the engine refuses to build in OpenAI mode without a key.
             let key = key.clone().expect("OpenAI mode has a key");
-            let addr = OpenAiRealtimeActor::new(req, openai.clone(), &call, key)
-                .start_leg(mailbox_capacity(&call));
-            UpstreamLeg::of(addr)
+            match openai.api {
+                OpenAiApi::Realtime => UpstreamLeg::of(
+                    OpenAiRealtimeActor::new(req, openai.clone(), &call, key)
+                        .start_leg(mailbox_capacity(&call)),
+                ),
+                OpenAiApi::Live => UpstreamLeg::of(
+                    OpenAiLiveActor::new(req, openai.clone(), &call, key)
+                        .start_leg(mailbox_capacity(&call)),
+                ),
+            }
         }
         UpstreamKind::Echo => {
             let echo = EchoUpstream::new(req.port, req.leg_no, req.twilio_audio, req.counters);
@@ -165,6 +178,19 @@ pub struct CallActor {
     rollovers: u64,
     /// The last turn event (speech started or stopped, response created or done, a digit).
     turn_changed: Instant,
+    /// What the AI sessions used (none with the echo upstream).
+    usage: Option<UsageMeter>,
+    /// When a leg's session expires (GPT-Live says so at its start): (leg, from then).
+    expires: Option<(u32, Duration)>,
+    /// The caller's side is gone (registry, live-call count); the call may still wait for the
+    /// last session's final usage.
+    left: bool,
+    /// The end of the call: its reason, once `end_call` ran; the last leg whose final usage
+    /// the end-of-call line waits for.
+    end_reason: Option<StopReason>,
+    awaiting_usage_of: Option<u32>,
+    /// The current leg reported `Ready` at least once.
+    leg_was_ready: bool,
     leg_state: LegState,
     ready_since: Option<Instant>,
     upstream_errors: u64,
@@ -240,6 +266,18 @@ impl CallActor {
             rollover_due: false,
             rollovers: 0,
             turn_changed: Instant::now(),
+            usage: (engine.upstream() == UpstreamKind::OpenAi).then(|| {
+                let model = match openai.api {
+                    OpenAiApi::Realtime => openai.model.clone(),
+                    OpenAiApi::Live => openai.live_model.clone(),
+                };
+                UsageMeter::new(openai.api, model)
+            }),
+            expires: None,
+            left: false,
+            end_reason: None,
+            awaiting_usage_of: None,
+            leg_was_ready: false,
             leg_state: LegState::Connecting,
             ready_since: None,
             upstream_errors: 0,
@@ -407,8 +445,17 @@ impl CallActor {
 
     /// From the moment `leg_no` is ready: after `openai.max_session_s`, roll it over.
     fn schedule_rollover(&mut self, leg_no: u32, ctx: &mut Context<Self>) {
-        let max = Duration::from_secs(self.engine.openai_config().max_session_s);
-        ctx.run_later(max, move |act, ctx| {
+        let mut due = Duration::from_secs(self.engine.openai_config().max_session_s);
+        if let Some((leg, expires_in)) = self.expires {
+            if leg == leg_no {
+                // Leave the successor time to find a pause before the session ends.
+                let planned = expires_in
+                    .saturating_sub(ROLLOVER_MARGIN)
+                    .max(expires_in / 2);
+                due = due.min(planned);
+            }
+        }
+        ctx.run_later(due, move |act, ctx| {
             if act.leg_no == leg_no && !act.ending {
                 act.rollover_due = true;
                 act.try_rollover(ctx);
@@ -472,6 +519,9 @@ impl CallActor {
         let old = self.leg.replace(new.clone());
         self.leg_no = leg_no;
         self.ready_since = Some(Instant::now());
+        // What the old session still had queued at Twilio is not the new one's (a GPT-Live
+        // session streams continuously; with Realtime nothing is queued at a pause).
+        self.twilio.clear.do_send(ClearAudio { interrupted: None });
         // Caller audio moves to the new session; once the Twilio leg has switched, every frame
         // routed to the old one is in its mailbox, ahead of the stop: it sends them, then closes.
         self.retiring = old;
@@ -523,6 +573,7 @@ impl CallActor {
     }
 
     fn on_leg_ready(&mut self, leg_no: u32, ctx: &mut Context<Self>) {
+        self.leg_was_ready = true;
         self.leg_state = LegState::Ready;
         self.ready_since = Some(Instant::now());
         let Some(leg) = self.leg.clone() else { return };
@@ -567,6 +618,7 @@ impl CallActor {
             to: None,
             hold: matches!(decision, Decision::Restart { .. }),
         });
+        self.leg_was_ready = false;
         match decision {
             Decision::Permanent => {
                 log::error!(
@@ -674,10 +726,66 @@ impl CallActor {
             return;
         }
         self.ending = true;
+        self.engine.registry().do_send(CallEnded {
+            reason: reason.code(),
+        });
+        // The caller's side ends now: `/calls`, `server.max_calls` and the drain let go of it.
+        self.leave();
+        // A GPT-Live session that ran reports its final billable seconds after `session.close`:
+        // the end-of-call line waits for them (bounded), nothing else does.
+        let live = self.engine.openai_config().api == OpenAiApi::Live;
+        if let Some(leg) = self.leg.take() {
+            if live && self.leg_was_ready && self.usage.is_some() {
+                self.awaiting_usage_of = Some(self.leg_no);
+            }
+            leg.stop.do_send(Stop {
+                reason: reason.clone(),
+            });
+        }
+        self.drop_standby();
+        self.retire_old_leg();
+        if !reason.twilio_gone() {
+            self.twilio.stop.do_send(Stop {
+                reason: reason.clone(),
+            });
+        }
+        self.end_reason = Some(reason);
+        if self.awaiting_usage_of.is_some() {
+            let wait = Duration::from_millis(self.engine.openai_config().live_close_timeout_ms)
+                + Duration::from_secs(2);
+            ctx.run_later(wait, |act, ctx| act.finish(ctx));
+        } else {
+            self.finish(ctx);
+        }
+    }
+
+    /// Leaves the registry and the live-call count (once).
+    fn leave(&mut self) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        self.engine.call_closed();
+        if self.registered {
+            self.engine.registry().do_send(Unregister {
+                call_sid: self.call_sid.clone(),
+                instance: self.instance,
+            });
+        }
+    }
+
+    /// The end-of-call line, with what the call used and cost; then the actor stops.
+    fn finish(&mut self, ctx: &mut Context<Self>) {
+        let Some(reason) = self.end_reason.take() else {
+            return;
+        };
+        let usage = self.usage_report();
+        if let Some(usage) = &usage {
+            self.engine.record_usage(usage);
+        }
         let c = &self.counters;
         let dropped = DroppedFrames::from(c.as_ref());
         log::info!(
-            "{} call ended ({}): {reason}; {} ms, frames in={} out={}, barge_ins={}, upstream_restarts={}, rollovers={}, malformed={}, dropped: pre_start={} upstream_not_ready={} interrupted={} twilio_backpressure={} openai_backpressure={}",
+            "{} call ended ({}): {reason}; {} ms, frames in={} out={}, barge_ins={}, upstream_restarts={}, rollovers={}, malformed={}, dropped: pre_start={} upstream_not_ready={} interrupted={} twilio_backpressure={} openai_backpressure={}; usage: {}",
             self.label,
             reason.code(),
             self.started.elapsed().as_millis(),
@@ -692,21 +800,31 @@ impl CallActor {
             dropped.interrupted,
             dropped.twilio_backpressure,
             dropped.openai_backpressure,
+            usage.as_ref().map_or_else(|| "none (echo)".to_string(), describe_usage),
         );
-        self.engine.registry().do_send(CallEnded {
-            reason: reason.code(),
-        });
-        if let Some(leg) = self.leg.take() {
-            leg.stop.do_send(Stop {
-                reason: reason.clone(),
-            });
-        }
-        self.drop_standby();
-        self.retire_old_leg();
-        if !reason.twilio_gone() {
-            self.twilio.stop.do_send(Stop { reason });
-        }
         ctx.stop();
+    }
+
+    fn usage_report(&self) -> Option<CallUsage> {
+        self.usage
+            .as_ref()
+            .map(|meter| meter.report(self.engine.prices()))
+    }
+
+    fn on_usage(&mut self, report: UsageReport, ctx: &mut Context<Self>) {
+        let Some(meter) = self.usage.as_mut() else {
+            return;
+        };
+        match report {
+            UsageReport::Tokens(tokens) => meter.add_tokens(&tokens),
+            UsageReport::Seconds { leg, seconds, last } => {
+                meter.session_seconds(leg, seconds);
+                if last && self.awaiting_usage_of == Some(leg) {
+                    self.awaiting_usage_of = None;
+                    self.finish(ctx);
+                }
+            }
+        }
     }
 
     fn standby_is(&self, leg_no: u32) -> bool {
@@ -729,6 +847,8 @@ impl CallActor {
             from: self.from.clone(),
             to: self.to.clone(),
             upstream: self.engine.upstream().as_str(),
+            api: (self.engine.upstream() == UpstreamKind::OpenAi)
+                .then(|| self.engine.openai_config().api.as_str()),
             upstream_state: match self.leg_state {
                 LegState::Connecting => "connecting",
                 LegState::Ready => "ready",
@@ -739,6 +859,7 @@ impl CallActor {
             barge_ins: self.turns.barge_ins,
             upstream_restarts: self.restarts.total,
             rollovers: self.rollovers,
+            usage: self.usage_report(),
             upstream_errors: self.upstream_errors,
             malformed_frames: CallCounters::get(&c.malformed_frames),
             marks_pending: CallCounters::get(&c.marks_pending) as usize,
@@ -805,16 +926,10 @@ impl Actor for CallActor {
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        self.engine.call_closed();
+        self.leave();
         if self.probe {
             // The probe ended before OpenAI answered either way: let another call probe.
             self.engine.breaker().probe_abandoned();
-        }
-        if self.registered {
-            self.engine.registry().do_send(Unregister {
-                call_sid: self.call_sid.clone(),
-                instance: self.instance,
-            });
         }
         // A call stopped without `end_call` (its runtime shutting down) still closes its AI leg.
         if let Some(leg) = self.leg.take() {
@@ -925,6 +1040,15 @@ impl Handler<UpstreamEvent> for CallActor {
                 self.turn_changed = Instant::now();
                 self.apply(Event::SpeechStopped, ctx)
             }
+            UpstreamEvent::CallerSpeaking(speaking) => {
+                self.turn_changed = Instant::now();
+                self.apply(Event::CallerSpeaking(speaking), ctx)
+            }
+            UpstreamEvent::Usage(report) => self.on_usage(report, ctx),
+            UpstreamEvent::Expires { leg, in_s } => {
+                log::debug!("{} AI session of leg {leg} expires in {in_s} s", self.label);
+                self.expires = Some((leg, Duration::from_secs(in_s)));
+            }
             UpstreamEvent::ResponseCreated { response_id } => {
                 self.turn_changed = Instant::now();
                 self.apply(Event::ResponseCreated { response_id }, ctx)
@@ -984,6 +1108,31 @@ fn jitter() -> f64 {
         .build_hasher()
         .finish();
     (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The usage in the end-of-call line.
+fn describe_usage(usage: &CallUsage) -> String {
+    let amount = match (&usage.tokens, usage.seconds) {
+        (Some(t), _) => format!(
+            "tokens in text={} audio={} (cached text={} audio={}), out text={} audio={}",
+            t.input_text,
+            t.input_audio,
+            t.cached_text,
+            t.cached_audio,
+            t.output_text,
+            t.output_audio
+        ),
+        (None, Some(seconds)) => format!("{seconds:.1} s of session"),
+        (None, None) => "nothing".into(),
+    };
+    let cost = match usage.cost_usd {
+        Some(usd) => format!("${usd:.6}"),
+        None => usage
+            .price_note
+            .clone()
+            .unwrap_or_else(|| "cost unknown".into()),
+    };
+    format!("{} {} {amount}, {cost}", usage.api, usage.model)
 }
 
 fn now_rfc3339() -> String {

@@ -13,6 +13,7 @@ use crate::call::CallActor;
 use crate::config::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};
 use crate::registry::CallRegistry;
 use crate::session::restart::Breaker;
+use crate::session::usage::{CallUsage, Prices};
 use crate::twilio_stream;
 
 /// Cheap to clone: one per HTTP worker, shared by every call.
@@ -38,6 +39,21 @@ struct Inner {
     live: AtomicUsize,
     /// The process is draining (SIGTERM): no new calls.
     draining: AtomicBool,
+    prices: Prices,
+    /// What ended calls used, since start.
+    usage_totals: Mutex<UsageTotals>,
+}
+
+/// Usage of the calls ended since start, for `/health`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UsageTotals {
+    pub calls: u64,
+    pub minutes: f64,
+    pub tokens: u64,
+    /// Summed over the calls whose model has a price.
+    pub cost_usd: f64,
+    /// Calls whose model has no price in `[prices]` (their cost is not in `cost_usd`).
+    pub calls_without_price: u64,
 }
 
 impl Engine {
@@ -49,7 +65,11 @@ impl Engine {
         upstream: UpstreamKind,
         api_key: Option<SecretString>,
         stream_key: Option<SecretString>,
+        prices: Prices,
     ) -> Result<Self, ConfigError> {
+        prices
+            .check()
+            .map_err(|problem| ConfigError::new("prices", problem))?;
         openai.validate()?;
         call.validate()?;
         let hold_audio = call.load_hold_audio()?;
@@ -75,6 +95,8 @@ impl Engine {
                 next_instance: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
                 draining: AtomicBool::new(false),
+                prices,
+                usage_totals: Mutex::new(UsageTotals::default()),
             }),
         })
     }
@@ -90,6 +112,37 @@ impl Engine {
             .breaker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn prices(&self) -> &Prices {
+        &self.inner.prices
+    }
+
+    /// Adds an ended call's usage to the totals.
+    pub fn record_usage(&self, usage: &CallUsage) {
+        let mut totals = self
+            .inner
+            .usage_totals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        totals.calls += 1;
+        totals.minutes += usage.seconds.unwrap_or(0.0) / 60.0;
+        if let Some(t) = &usage.tokens {
+            totals.tokens += t.input_text + t.input_audio + t.output_text + t.output_audio;
+        }
+        match usage.cost_usd {
+            Some(usd) => totals.cost_usd += usd,
+            None => totals.calls_without_price += 1,
+        }
+    }
+
+    /// Usage of the calls ended since start.
+    pub fn usage_totals(&self) -> UsageTotals {
+        self.inner
+            .usage_totals
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// From now on, take no new calls (a deploy is stopping this process).

@@ -50,6 +50,7 @@ pub mod config;
 pub mod echo;
 pub mod engine;
 pub mod messages;
+pub mod openai_live;
 pub mod openai_realtime;
 pub mod protocol;
 pub mod registry;

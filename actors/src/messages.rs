@@ -270,6 +270,9 @@ pub enum UpstreamEvent {
     SpeechStarted,
     /// The caller stopped speaking.
     SpeechStopped,
+    /// The caller is (or is no longer) speaking, known from transcripts: no barge-in follows
+    /// (GPT-Live, where the model handles interruptions itself).
+    CallerSpeaking(bool),
     ResponseCreated {
         response_id: String,
     },
@@ -282,11 +285,28 @@ pub enum UpstreamEvent {
         code: String,
         message: String,
     },
+    /// What the session used: Realtime reports each response's tokens, GPT-Live its cumulative
+    /// seconds (`last`: the final figure of `session.closed`, or the last known one).
+    Usage(UsageReport),
+    /// The session expires in this many seconds (GPT-Live's `expires_at`): plan the rollover.
+    Expires {
+        leg: u32,
+        in_s: u64,
+    },
     /// The leg is gone; it has stopped itself. The call decides whether a new leg follows.
     Closed {
         leg: u32,
         failure: LegFailure,
     },
+}
+
+/// Usage reported by an AI leg.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UsageReport {
+    /// A Realtime response's tokens (added up).
+    Tokens(crate::session::usage::TokenUsage),
+    /// A GPT-Live session's cumulative seconds (replaces that session's previous value).
+    Seconds { leg: u32, seconds: f64, last: bool },
 }
 
 /// CallRegistry → CallActor: describe yourself for `/calls`.

@@ -36,7 +36,7 @@ use crate::call::LegRequest;
 use crate::config::{CallConfig, OpenAiConfig};
 use crate::messages::{
     AudioIn, AudioOut, CallCounters, CallIdentified, ContextLine, Role, Stop, StopReason,
-    Transcript, UpstreamCommand, UpstreamEvent,
+    Transcript, UpstreamCommand, UpstreamEvent, UsageReport,
 };
 use crate::protocol::{base64_audio_len, openai as proto, openai::ServerEvent};
 use crate::session::restart::LegFailure;
@@ -215,10 +215,18 @@ impl OpenAiRealtimeActor {
             ServerEvent::ResponseDone {
                 response_id,
                 status,
-            } => self.call.events.do_send(UpstreamEvent::ResponseDone {
-                response_id,
-                status,
-            }),
+                usage,
+            } => {
+                if let Some(tokens) = usage {
+                    self.call
+                        .events
+                        .do_send(UpstreamEvent::Usage(UsageReport::Tokens(tokens)));
+                }
+                self.call.events.do_send(UpstreamEvent::ResponseDone {
+                    response_id,
+                    status,
+                })
+            }
             ServerEvent::AssistantTranscript {
                 transcript,
                 item_id,

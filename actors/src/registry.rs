@@ -62,6 +62,9 @@ pub struct CallSnapshot {
     pub to: String,
     /// `openai` or `echo`.
     pub upstream: &'static str,
+    /// With OpenAI: `realtime` or `live`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<&'static str>,
     /// `connecting`, `ready` or `restarting`.
     pub upstream_state: &'static str,
     pub frames_in: u64,
@@ -70,6 +73,9 @@ pub struct CallSnapshot {
     pub upstream_restarts: u32,
     /// Sessions replaced before OpenAI's 60-minute cap (`openai.max_session_s`).
     pub rollovers: u64,
+    /// What the AI sessions used and cost so far (absent with the echo upstream).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::session::usage::CallUsage>,
     pub upstream_errors: u64,
     pub malformed_frames: u64,
     /// Marks sent to Twilio and not yet echoed: audio still queued for the caller.
@@ -304,12 +310,14 @@ mod tests {
                 from: String::new(),
                 to: String::new(),
                 upstream: "echo",
+                api: None,
                 upstream_state: "ready",
                 frames_in: 0,
                 frames_out: 0,
                 barge_ins: 0,
                 upstream_restarts: 0,
                 rollovers: 0,
+                usage: None,
                 upstream_errors: 0,
                 malformed_frames: 0,
                 marks_pending: 0,

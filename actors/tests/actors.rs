@@ -157,7 +157,16 @@ fn engine() -> Engine {
         dtmf_response_delay_ms: 50,
         ..Default::default()
     };
-    Engine::new(registry, openai, call, UpstreamKind::Echo, None, None).expect("valid settings")
+    Engine::new(
+        registry,
+        openai,
+        call,
+        UpstreamKind::Echo,
+        None,
+        None,
+        Default::default(),
+    )
+    .expect("valid settings")
 }
 
 fn rig(clear_answer: ClearOutcome) -> Rig {

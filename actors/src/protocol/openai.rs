@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::JsonStr;
 use crate::config::OpenAiConfig;
+use crate::session::usage::TokenUsage;
 
 /// `event_id` we put on `session.update`, so an `error` naming it is known to be about the
 /// session configuration (which makes the leg unusable: audio would be read as 24 kHz PCM).
@@ -143,6 +144,8 @@ pub enum ServerEvent<'a> {
     ResponseDone {
         response_id: String,
         status: String,
+        /// The response's tokens (`response.usage`), when the server says.
+        usage: Option<TokenUsage>,
     },
     /// A chunk of assistant audio (base64 μ-law), passed through undecoded.
     AudioDelta {
@@ -204,6 +207,60 @@ struct RawResponse {
     id: Option<String>,
     #[serde(default)]
     status: Option<String>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+
+/// `response.usage` (protocols.md B: `{type:"tokens",input_tokens,output_tokens,…}`).
+#[derive(Deserialize, Default)]
+struct RawUsage {
+    #[serde(default)]
+    input_token_details: RawTokenDetails,
+    #[serde(default)]
+    output_token_details: RawTokenDetails,
+}
+
+#[derive(Deserialize, Default)]
+struct RawTokenDetails {
+    #[serde(default)]
+    text_tokens: u64,
+    #[serde(default)]
+    audio_tokens: u64,
+    #[serde(default)]
+    cached_tokens: u64,
+    #[serde(default)]
+    cached_tokens_details: Option<RawCachedDetails>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawCachedDetails {
+    #[serde(default)]
+    text_tokens: u64,
+    #[serde(default)]
+    audio_tokens: u64,
+}
+
+impl RawUsage {
+    fn tokens(self) -> TokenUsage {
+        let input = self.input_token_details;
+        // Without the split, cached tokens count as audio first (a voice call's input is
+        // mostly audio), the rest as text.
+        let (cached_text, cached_audio) = match input.cached_tokens_details {
+            Some(d) => (d.text_tokens, d.audio_tokens),
+            None => {
+                let audio = input.cached_tokens.min(input.audio_tokens);
+                ((input.cached_tokens - audio).min(input.text_tokens), audio)
+            }
+        };
+        TokenUsage {
+            input_text: input.text_tokens,
+            input_audio: input.audio_tokens,
+            cached_text,
+            cached_audio,
+            output_text: self.output_token_details.text_tokens,
+            output_audio: self.output_token_details.audio_tokens,
+        }
+    }
 }
 
 /// Why a server frame could not be read.
@@ -251,6 +308,7 @@ pub fn parse_server_event(text: &str) -> Result<ServerEvent<'_>, OpenAiParseErro
             ServerEvent::ResponseDone {
                 response_id: response.id.ok_or(missing("response.done", "response.id"))?,
                 status: response.status.unwrap_or_default(),
+                usage: response.usage.map(RawUsage::tokens),
             }
         }
         "response.output_audio_transcript.done" => ServerEvent::AssistantTranscript {
@@ -403,7 +461,15 @@ mod tests {
         );
         assert_eq!(
             parse_server_event(r#"{"type":"response.done","response":{"id":"resp_1","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#).unwrap(),
-            ServerEvent::ResponseDone { response_id: "resp_1".into(), status: "cancelled".into() }
+            ServerEvent::ResponseDone { response_id: "resp_1".into(), status: "cancelled".into(), usage: None }
+        );
+        assert_eq!(
+            parse_server_event(r#"{"type":"response.done","response":{"id":"r2","status":"completed","usage":{"total_tokens":700,"input_tokens":400,"output_tokens":300,"input_token_details":{"text_tokens":100,"audio_tokens":300,"cached_tokens":64,"cached_tokens_details":{"text_tokens":64,"audio_tokens":0}},"output_token_details":{"text_tokens":50,"audio_tokens":250}}}}"#).unwrap(),
+            ServerEvent::ResponseDone {
+                response_id: "r2".into(),
+                status: "completed".into(),
+                usage: Some(TokenUsage { input_text: 100, input_audio: 300, cached_text: 64, cached_audio: 0, output_text: 50, output_audio: 250 }),
+            }
         );
         assert_eq!(
             parse_server_event(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"i","content_index":0,"transcript":"hi there"}"#).unwrap(),

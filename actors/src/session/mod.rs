@@ -7,8 +7,11 @@
 //! - [`playback`] (in the Twilio leg): assistant audio held before `start`, the playback budget
 //!   and the bounded queue behind it, marks and their generation, `clear`, the truncate point;
 //! - [`turns`] (in the `CallActor`): the response in flight, barge-in, DTMF, the greeting;
-//! - [`restart`] (in the `CallActor`): which leg failures restart, the backoff, the budget.
+//! - [`restart`] (in the `CallActor`): which leg failures restart, the backoff, the budget;
+//! - [`usage`] (in the `CallActor`): tokens or seconds used, and their price;
+//! - [`fragments`] (in the GPT-Live leg): transcript fragments grouped into turns.
 
+pub mod fragments;
 pub mod inbound;
 pub mod playback;
 pub mod restart;

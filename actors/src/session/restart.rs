@@ -46,6 +46,9 @@ pub enum LegFailure {
     /// The socket accepted nothing for `call.stall_timeout_ms` while events waited.
     #[error("OpenAI socket stalled: nothing accepted for {ms} ms")]
     Stalled { ms: u64 },
+    /// GPT-Live ended the session on its own (`session.closed` with this reason).
+    #[error("OpenAI ended the session: {reason}")]
+    SessionEnded { reason: String },
 }
 
 /// What a failure means for the next leg.
@@ -77,6 +80,13 @@ impl LegFailure {
             LegFailure::Closed {
                 code: Some(1001), ..
             } => FailureClass::RestartNow,
+            // gpt-live.md §12: `expired` continues at once, a lost connection after a backoff;
+            // `content` (a safety filter) and anything else is not reopened blindly.
+            LegFailure::SessionEnded { reason } => match reason.as_str() {
+                "expired" => FailureClass::RestartNow,
+                "connection_lost" => FailureClass::Retry,
+                _ => FailureClass::Permanent,
+            },
             LegFailure::Connect(_)
             | LegFailure::NotConfigured { .. }
             | LegFailure::Closed { .. }
@@ -106,6 +116,10 @@ impl LegFailure {
             LegFailure::SessionRejected(_) => {
                 "the API refused the session settings: check the [openai] setting it names"
             }
+            LegFailure::SessionEnded { reason } if reason == "content" => {
+                "a safety filter ended the session: review the call's transcript"
+            }
+            LegFailure::SessionEnded { .. } => "the API ended the session for good",
             _ => "",
         }
     }

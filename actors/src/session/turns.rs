@@ -40,6 +40,8 @@ pub enum Event {
     SpeechStarted,
     /// The caller stopped speaking (server VAD).
     SpeechStopped,
+    /// The caller is or is not speaking, by transcript (no barge-in: the model handles it).
+    CallerSpeaking(bool),
     /// The Twilio leg's answer to the clear of a barge-in.
     Cleared {
         outcome: ClearOutcome,
@@ -187,6 +189,7 @@ impl Turns {
                 self.response_asked = false;
             }
             Event::SpeechStopped => self.caller_speaking = false,
+            Event::CallerSpeaking(speaking) => self.caller_speaking = speaking,
             Event::SpeechStarted => {
                 self.caller_speaking = true;
                 let in_flight = self.in_flight.clone();
