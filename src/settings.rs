@@ -202,6 +202,9 @@ impl Settings {
 
     /// Checks the values no type can: every section's ranges and formats.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.prices
+            .check()
+            .map_err(|problem| ConfigError::new("prices", problem))?;
         if self.server.host.trim().is_empty() {
             return Err(ConfigError::new("server.host", "must not be empty"));
         }
@@ -368,6 +371,17 @@ mod tests {
         assert_eq!(s.server.port, d.server.port);
         assert_eq!(s.server.host, d.server.host);
         assert_eq!(s.upstream, d.upstream);
+        assert_eq!(s.prices, d.prices);
+    }
+
+    #[test]
+    fn the_api_is_chosen_by_name_and_a_wrong_one_is_named() {
+        let s = load_toml("[openai]\napi = \"live\"\n").unwrap();
+        assert_eq!(s.openai.api, callbridge_actors::config::OpenAiApi::Live);
+        let err = load_toml("[openai]\napi = \"gpt-live\"\n").unwrap_err();
+        assert!(err.to_string().contains("openai.api"), "{err}");
+        let err = load_toml("[[prices.live]]\nmodel = \"x\"\nper_minute = -1.0\n").unwrap_err();
+        assert!(err.to_string().contains("prices"), "{err}");
     }
 
     #[test]
