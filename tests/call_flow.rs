@@ -658,3 +658,57 @@ async fn an_interrupted_reply_is_recorded_and_replayed_as_interrupted() {
     caller.assert_no_violations();
     fake.assert_no_violations();
 }
+
+/// Realtime usage: each `response.done`'s tokens are added up in `/calls/{sid}` with their
+/// cost at the `[prices]` of the model; an unknown model is priced `null` with a note.
+#[actix_web::test]
+async fn realtime_usage_and_cost_are_summed_per_call() {
+    for (model, priced) in [("gpt-realtime", true), ("gpt-realtime-2099", false)] {
+        let fake = FakeOpenAi::start().await;
+        let mut settings = openai_settings(&fake);
+        settings.openai.model = model.into();
+        let app = spawn_app(settings).await;
+        let caller = FakeTwilio::connect(&app.ws_url()).await;
+        let mut session = fake.next_session().await;
+        caller.start_call("MZu", "CAu", &[]).await;
+        session.recv_event("session.update").await;
+        for id in ["r1", "r2"] {
+            session.send(serde_json::json!({
+                "type": "response.done",
+                "response": {"id": id, "status": "completed", "output": [],
+                    "usage": {"total_tokens": 0, "input_tokens": 0, "output_tokens": 0,
+                        "input_token_details": {"text_tokens": 1_000, "audio_tokens": 500_000,
+                            "cached_tokens": 100_000,
+                            "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 100_000}},
+                        "output_token_details": {"text_tokens": 250_000, "audio_tokens": 250_000}}}
+            }));
+        }
+        let call = app
+            .wait_call("CAu", "two responses counted", |c| {
+                c["usage"]["tokens"]["input_audio"] == 1_000_000
+            })
+            .await;
+        let usage = &call["usage"];
+        assert_eq!(usage["api"], "realtime");
+        assert_eq!(usage["model"], model);
+        assert_eq!(usage["tokens"]["cached_audio"], 200_000);
+        assert_eq!(usage["tokens"]["output_audio"], 500_000);
+        if priced {
+            // 2k text in at $4/M, 800k audio at $32/M, 200k cached audio at $0.40/M,
+            // 500k text out at $16/M, 500k audio out at $64/M.
+            assert_eq!(
+                usage["cost_usd"],
+                0.008 + 25.6 + 0.08 + 8.0 + 32.0,
+                "{usage}"
+            );
+        } else {
+            assert!(usage["cost_usd"].is_null(), "{usage}");
+            assert!(usage["price_note"].as_str().unwrap().contains(model));
+        }
+        caller.hang_up().await;
+        app.wait_call_count(0).await;
+        let (_, health) = app.get_json("/health").await;
+        assert_eq!(health["usage"]["calls"], 1, "{health}");
+        assert_eq!(health["usage"]["calls_without_price"], u64::from(!priced));
+    }
+}

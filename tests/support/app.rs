@@ -49,6 +49,18 @@ pub fn openai_settings(fake: &FakeOpenAi) -> Settings {
     s
 }
 
+/// Settings for a service whose calls use GPT-Live at `fake`.
+pub fn live_settings(fake: &callbridge_fakes::live::FakeLive) -> Settings {
+    let mut s = test_settings();
+    s.upstream = UpstreamMode::OpenAi;
+    s.twilio.validate_signatures = Some(false);
+    s.openai.api = callbridge_actors::config::OpenAiApi::Live;
+    s.openai.live_url = fake.url();
+    s.openai.live_model = "gpt-live-1".into();
+    s.secrets.openai_api_key = Some(SecretString::from(TEST_OPENAI_KEY));
+    s
+}
+
 /// Builds and starts the service; it stops when the test's runtime ends.
 pub async fn spawn_app(settings: Settings) -> TestApp {
     let _ = env_logger_init();
