@@ -138,6 +138,22 @@ pub struct LoadReport {
     pub setup: Percentiles,
     pub wall_s: f64,
     pub process: Option<ProcessReport>,
+    /// Each call, in index order (not in the JSON: a run can have thousands).
+    #[serde(skip)]
+    pub per_call: Vec<CallOutcome>,
+}
+
+/// What one call of a run saw, for a test that judges the calls one by one.
+#[derive(Clone, Debug)]
+pub struct CallOutcome {
+    /// The call's index; against callbridge its call SID is `Caller::call_sid_for(index + 1)`.
+    pub index: usize,
+    pub connected: bool,
+    pub error: Option<String>,
+    pub frames_sent: u64,
+    pub frames_echoed: u64,
+    pub frames_corrupt: u64,
+    pub invalid_messages: u64,
 }
 
 impl LoadReport {
@@ -400,8 +416,18 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         setup: Percentiles::default(),
         wall_s,
         process: None,
+        per_call: Vec::with_capacity(results.len()),
     };
-    for r in results {
+    for (index, r) in results.into_iter().enumerate() {
+        report.per_call.push(CallOutcome {
+            index,
+            connected: r.connected,
+            error: r.error.clone(),
+            frames_sent: r.sent,
+            frames_echoed: r.echoed,
+            frames_corrupt: r.corrupt,
+            invalid_messages: r.invalid,
+        });
         report.calls_connected += usize::from(r.connected);
         if r.error.is_some() {
             report.calls_failed += 1;

@@ -231,6 +231,7 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
         } else {
             None
         },
+        ..EchoConfig::default()
     };
     let threads = args.number("threads", 2)?;
     runtime(threads)?.block_on(async move {

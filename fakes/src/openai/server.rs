@@ -35,7 +35,7 @@ use super::{
     lock,
     scripting::FakeSession,
     session::{Closer, Out, SessionState},
-    EchoConfig, FakeStats, DEFAULT_TIMEOUT, POLL,
+    EchoConfig, FakeStats, Fault, DEFAULT_TIMEOUT, POLL,
 };
 
 /// `input_audio_buffer.append` may carry up to 15 MiB (B6); leave room for the JSON around it.
@@ -329,10 +329,15 @@ fn http_error(status: StatusCode, message: &str, code: Option<&str>) -> ErrorRes
     response
 }
 
-/// The checks of B1 on the upgrade request; `Ok` with the handshake to go on with.
+/// The checks of B1 on the upgrade request; `Ok` with the handshake to go on with, and the
+/// fault echo mode planned for the session (see [`EchoConfig::fault_every`]). The handshake
+/// faults are answered here.
 // The error type is tungstenite's handshake callback's, not ours to shrink.
 #[allow(clippy::result_large_err)]
-fn check_upgrade(req: &Request, shared: &Shared) -> Result<Handshake, ErrorResponse> {
+fn check_upgrade(
+    req: &Request,
+    shared: &Shared,
+) -> Result<(Handshake, Option<Fault>), ErrorResponse> {
     let path = req.uri().path().to_owned();
     if path != "/v1/realtime" {
         shared.violate(format!(
@@ -416,8 +421,33 @@ fn check_upgrade(req: &Request, shared: &Shared) -> Result<Handshake, ErrorRespo
             Some("missing_required_parameter"),
         );
     }
+    let fault = shared.echo.as_ref().and_then(|echo| {
+        let attempt = shared.stats.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        echo.fault_for(attempt)
+    });
+    match fault {
+        Some(Fault::Refuse503) => {
+            shared.stats.faults.count(Fault::Refuse503);
+            return refuse(
+                handshake,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The server is overloaded (fake: injected fault).",
+                None,
+            );
+        }
+        Some(Fault::Refuse429) => {
+            shared.stats.faults.count(Fault::Refuse429);
+            return refuse(
+                handshake,
+                StatusCode::TOO_MANY_REQUESTS,
+                "Rate limit reached (fake: injected fault).",
+                Some("rate_limit_exceeded"),
+            );
+        }
+        _ => {}
+    }
     shared.record(&handshake);
-    Ok(handshake)
+    Ok((handshake, fault))
 }
 
 /// Sends `error` then a close frame, and waits (briefly) for the service's close.
@@ -446,7 +476,7 @@ fn error_event(event_id: &str, code: &str, message: &str) -> Value {
 async fn connection(stream: TcpStream, shared: Arc<Shared>) {
     // Audio every 20 ms: Nagle would add up to 40 ms to every echo.
     let _ = stream.set_nodelay(true);
-    let mut checked: Option<Result<Handshake, ()>> = None;
+    let mut checked: Option<Result<(Handshake, Option<Fault>), ()>> = None;
     let accepted = tokio_tungstenite::accept_hdr_async_with_config(
         stream,
         |req: &Request, resp: Response| match check_upgrade(req, &shared) {
@@ -462,8 +492,8 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
         Some(ws_config()),
     )
     .await;
-    let (ws, handshake) = match (accepted, checked) {
-        (Ok(ws), Some(Ok(handshake))) => (ws, handshake),
+    let (ws, handshake, fault) = match (accepted, checked) {
+        (Ok(ws), Some(Ok((handshake, fault)))) => (ws, handshake, fault),
         // The request never reached the checks: a malformed upgrade is the service's fault;
         // a connection that ends before its request (an aborted connect) is not.
         (Err(e), None) => {
@@ -552,7 +582,13 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
     };
     shared.stats.sessions_opened.fetch_add(1, Ordering::Relaxed);
     shared.stats.sessions_open.fetch_add(1, Ordering::Relaxed);
-    lock(&core.state).created();
+    {
+        let mut st = lock(&core.state);
+        st.created();
+        if let Some(fault) = fault {
+            st.arm_fault(fault);
+        }
+    }
     if shared.recording() {
         let (sink, stream) = ws.split();
         tokio::spawn(write_loop(sink, out_rx, core.clone()));

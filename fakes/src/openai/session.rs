@@ -29,7 +29,7 @@ use super::{
         invalid_type, merge_session, missing, object, string, unknown, validate_item,
         validate_response, validate_session, Checked, Reject, CLIENT_EVENTS,
     },
-    EchoConfig, FakeStats,
+    EchoConfig, FakeStats, Fault,
 };
 
 /// Violations quote the offending event, clipped to this many bytes.
@@ -156,6 +156,10 @@ pub(crate) struct SessionState {
     turns: u64,
     /// Reused by every append: decoding needs no allocation per frame.
     scratch: Vec<u8>,
+    /// Echo mode: the fault planned for this session, until it fires.
+    fault: Option<Fault>,
+    /// Echo mode: a fault has closed (or dropped) the session; appends are no longer echoed.
+    faulted_out: bool,
 }
 
 /// The default GA session of `session.created` (before any `session.update`).
@@ -263,6 +267,8 @@ impl SessionState {
             since_turn_bytes: 0,
             turns: 0,
             scratch: Vec::new(),
+            fault: None,
+            faulted_out: false,
         }
     }
 
@@ -722,8 +728,17 @@ impl SessionState {
         if self.recording() {
             self.audio.extend_from_slice(&self.scratch);
         }
+        if self.faulted_out {
+            self.stats
+                .faults
+                .unechoed_appends
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(echo) = self.echo.clone() {
             self.echo_append(&echo, audio, bytes);
+            if self.fault.is_some() && self.append_count as u64 >= echo.fault_after_appends {
+                self.fire_fault();
+            }
         }
         Ok(())
     }
@@ -925,6 +940,49 @@ impl SessionState {
     }
 
     // ----- echo mode
+
+    /// Plans `fault` for this session: a session fault fires once the session has echoed
+    /// `fault_after_appends` appends (handshake faults never reach a session).
+    pub(crate) fn arm_fault(&mut self, fault: Fault) {
+        if !fault.at_handshake() {
+            self.fault = Some(fault);
+        }
+    }
+
+    /// Injects the planned fault, after the echo of the append that triggered it.
+    fn fire_fault(&mut self) {
+        let Some(fault) = self.fault.take() else {
+            return;
+        };
+        self.stats.faults.count(fault);
+        self.faulted_out = fault.ends_session();
+        match fault {
+            Fault::Drop => {
+                self.closer = Some(Closer::Fake);
+                self.send_raw(Out::Drop);
+            }
+            Fault::SessionExpired => {
+                let msg = "Your session hit the maximum duration of 60 minutes.";
+                self.stats.errors_sent.fetch_add(1, Ordering::Relaxed);
+                self.emit(json!({"type": "error", "error": {
+                    "type": "invalid_request_error", "code": "session_expired",
+                    "message": msg, "param": null, "event_id": null}}));
+                self.closer = Some(Closer::Fake);
+                self.send_raw(Out::Close(1001, msg.to_owned()));
+            }
+            Fault::Close1011 => {
+                self.closer = Some(Closer::Fake);
+                self.send_raw(Out::Close(
+                    1011,
+                    "fake: internal server error (injected fault)".to_owned(),
+                ));
+            }
+            Fault::Garbage => {
+                self.send_raw(Out::Text("fake garbage, not JSON: {\"type\": ".to_owned()));
+            }
+            Fault::Refuse503 | Fault::Refuse429 => {}
+        }
+    }
 
     /// Echoes one append as a delta of the active response, opening one if needed; every
     /// `barge_in_every_ms` of caller audio a scripted caller turn interrupts instead.

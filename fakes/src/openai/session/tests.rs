@@ -555,6 +555,7 @@ fn echo(turn_ms: u64, barge_in_every_ms: u64) -> Harness {
         turn_ms,
         barge_in_every_ms,
         api_key: None,
+        ..EchoConfig::default()
     }));
     h.feed(UPDATE);
     h.events();
