@@ -10,15 +10,17 @@
 //!                              │  │ ClearAudio, MarkTail,  Transcript     │  │ Stop
 //!                              │  ▼ Stop                                  │  ▼
 //! Twilio ══ws══ TwilioStreamActor ════ AudioIn (try_send) ════▶ OpenAiRealtimeActor ══ws══ OpenAI
-//!               (actix-ws + writer ◀═══ AudioOut (try_send) ═══ (one per leg, a new one per
-//!                task; Inbound and                               restart; bounded Outbox)
-//!                Playback, pure)                                 — or EchoUpstream
+//!               (actix-ws + writer ◀═══ AudioOut (try_send) ═══ or OpenAiLiveActor (GPT-Live)
+//!                task; Inbound and                               (one per leg, a new one per
+//!                Playback, pure)                                 restart or rollover; bounded
+//!                                                                Outbox) — or EchoUpstream
 //! ```
 //!
 //! Two planes (all message types in [`messages`], except the registry's own in [`registry`]):
 //! - **audio, leg to leg**, 50 frames a second each way, with `try_send` (a full mailbox drops
 //!   and counts): caller audio Twilio `media` → `TwilioStreamActor` → [`messages::AudioIn`] →
-//!   AI leg → `input_audio_buffer.append`; assistant audio `response.output_audio.delta` → AI
+//!   AI leg → `input_audio_buffer.append` (GPT-Live: `session.input_audio.append`); assistant
+//!   audio `response.output_audio.delta` (GPT-Live: `session.output_audio.delta`) → AI
 //!   leg → [`messages::AudioOut`] → `TwilioStreamActor` → Twilio `media` (+ `mark` once
 //!   `call.mark_interval_ms` went unmarked). Payloads are `Bytes` slices of the received frames.
 //! - **control, through the `CallActor`**: Twilio leg → call: [`messages::StreamStarted`],
@@ -39,8 +41,9 @@
 //! failure, backoff, budget); the Twilio leg ending ends the call. The registry counts ended
 //! calls by reason and hands freed memory back to the OS a second after the last call ends.
 //!
-//! Modules: actors ([`call`], [`twilio_stream`], [`openai_realtime`], [`echo`], [`registry`]),
-//! decisions without a runtime ([`session`]: inbound, playback, turns, restart), wire formats
+//! Modules: actors ([`call`], [`twilio_stream`], [`openai_realtime`], [`openai_live`],
+//! [`echo`], [`registry`]), what every AI leg's socket needs ([`ai_socket`]), decisions without
+//! a runtime ([`session`]: inbound, playback, turns, restart, usage, fragments), wire formats
 //! without I/O ([`protocol`]), settings ([`config`]) and the shell's entry point ([`engine`]).
 //! This crate never imports the shell.
 
