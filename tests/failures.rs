@@ -382,7 +382,13 @@ async fn the_breaker_opens_after_repeated_permanent_failures_and_a_probe_closes_
 /// is closed for the fallback); 429 and 500 are retried within `openai.max_restarts`.
 #[actix_web::test]
 async fn handshake_statuses_are_classified() {
-    for (status, permanent) in [(401, true), (403, true), (429, false), (500, false)] {
+    for (status, permanent) in [
+        (401, true),
+        (403, true),
+        (429, false),
+        (500, false),
+        (503, false),
+    ] {
         let fake = FakeOpenAi::start().await;
         fake.set_refuse_status(Some(status));
         let mut settings = openai_settings(&fake);
@@ -528,4 +534,49 @@ async fn garbage_frames_from_openai_are_counted_and_survived() {
     assert_eq!(fake.session_count(), 1);
     caller.hang_up().await;
     caller.assert_no_violations();
+}
+
+/// A handshake that stalls (the socket opens but `session.updated` never comes within
+/// `openai.connect_timeout_ms`) is transient: the leg is retried, and once the server answers
+/// again the call goes on.
+#[actix_web::test]
+async fn a_stalled_session_handshake_is_retried() {
+    let fake = FakeOpenAi::start().await;
+    fake.set_session_updated_delay(10_000);
+    let mut settings = openai_settings(&fake);
+    settings.openai.connect_timeout_ms = 300;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let _stalled = fake.next_session().await;
+    caller.start_call("MZstall", "CAstall", &[]).await;
+    let _second = fake.next_session_timeout(Duration::from_secs(3)).await;
+    fake.set_session_updated_delay(0);
+    let mut third = fake.next_session_timeout(Duration::from_secs(3)).await;
+    third.recv_event("session.update").await;
+    let call = app
+        .wait_call("CAstall", "active after retries", |c| c["state"] == "active")
+        .await;
+    assert!(call["upstream_restarts"].as_u64().unwrap() >= 2, "{call}");
+    caller.send_media(&[0x13; 160]).await;
+    third.wait_appended_bytes(160).await;
+    caller.hang_up().await;
+}
+
+/// A refused `session.update` (here an unknown voice) is a configuration error: never retried,
+/// the stream is closed for the fallback, and the log says which setting to check.
+#[actix_web::test]
+async fn a_rejected_session_update_is_not_retried() {
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.openai.voice = "no-such-voice".into();
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let mut session = fake.next_session().await;
+    caller.start_call("MZrej", "CArej", &[]).await;
+    session.recv_event("session.update").await;
+    assert!(caller.wait_closed().await, "the stream is closed for the fallback");
+    app.wait_ended("upstream_refused", Duration::from_secs(2))
+        .await;
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.connection_count(), 1, "retried");
 }
