@@ -554,7 +554,9 @@ async fn a_stalled_session_handshake_is_retried() {
     let mut third = fake.next_session_timeout(Duration::from_secs(3)).await;
     third.recv_event("session.update").await;
     let call = app
-        .wait_call("CAstall", "active after retries", |c| c["state"] == "active")
+        .wait_call("CAstall", "active after retries", |c| {
+            c["state"] == "active"
+        })
         .await;
     assert!(call["upstream_restarts"].as_u64().unwrap() >= 2, "{call}");
     caller.send_media(&[0x13; 160]).await;
@@ -574,7 +576,10 @@ async fn a_rejected_session_update_is_not_retried() {
     let mut session = fake.next_session().await;
     caller.start_call("MZrej", "CArej", &[]).await;
     session.recv_event("session.update").await;
-    assert!(caller.wait_closed().await, "the stream is closed for the fallback");
+    assert!(
+        caller.wait_closed().await,
+        "the stream is closed for the fallback"
+    );
     app.wait_ended("upstream_refused", Duration::from_secs(2))
         .await;
     sleep(Duration::from_millis(300)).await;

@@ -359,3 +359,59 @@ async fn two_live_calls_never_cross() {
     b.hang_up().await;
     fake.assert_no_violations();
 }
+
+/// A GPT-Live session's rollover is planned from `expires_at`: with 4 s left at its start, the
+/// call moves to a new session at a pause (about halfway), with the conversation as history;
+/// the old session gets `session.close`, and every caller frame reaches exactly one session.
+#[actix_web::test]
+async fn a_live_session_is_rolled_over_before_it_expires() {
+    let fake = FakeLive::start().await;
+    fake.set_session_duration_secs(4);
+    let mut settings = live_settings(&fake);
+    settings.openai.live_turn_gap_ms = 200;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let first = fake.next_session().await;
+    caller.start_call("MZlr", "CAlr", &[]).await;
+    first.wait_session_start().await;
+    first.output_transcript("Hello, Acme Dental.", 0, 500);
+
+    let frames = tone_frames(150);
+    let t0 = std::time::Instant::now();
+    for (i, frame) in frames.iter().enumerate() {
+        caller.send_media(frame).await;
+        let due = t0 + Duration::from_millis(20 * (i as u64 + 1));
+        if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+            sleep(wait).await;
+        }
+    }
+    assert_eq!(fake.session_count(), 2, "one rollover within 3 s");
+    let second = fake.next_session().await;
+    let start = second.wait_session_start().await;
+    assert_eq!(
+        start["input"][0]["content"][0]["text"], "Hello, Acme Dental.",
+        "{start}"
+    );
+    assert!(first.wait_closed().await);
+    assert_eq!(
+        first.session_closed_reason().as_deref(),
+        Some("close_requested")
+    );
+    let old = first.appended_audio();
+    let sent = frames.concat();
+    let new = second.wait_appended_bytes(sent.len() - old.len()).await;
+    let mut joined = old.clone();
+    joined.extend_from_slice(&new);
+    assert!(
+        joined == sent,
+        "audio lost or doubled across the switch ({} + {})",
+        old.len(),
+        new.len()
+    );
+    app.wait_call("CAlr", "one rollover", |c| {
+        c["rollovers"] == 1 && c["upstream_restarts"] == 0
+    })
+    .await;
+    caller.hang_up().await;
+    fake.assert_no_violations();
+}

@@ -521,4 +521,16 @@ mod tests {
             "OpenAI socket stalled: nothing accepted for 5000 ms"
         );
     }
+
+    #[test]
+    fn gpt_live_close_reasons_are_classified() {
+        let ended = |reason: &str| LegFailure::SessionEnded {
+            reason: reason.into(),
+        };
+        assert_eq!(ended("expired").class(), FailureClass::RestartNow);
+        assert_eq!(ended("connection_lost").class(), FailureClass::Retry);
+        assert_eq!(ended("content").class(), FailureClass::Permanent);
+        assert_eq!(ended("remote_hangup").class(), FailureClass::Permanent);
+        assert!(ended("content").advice().contains("safety"));
+    }
 }
