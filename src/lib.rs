@@ -8,10 +8,11 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Actor;
+use actix::{Actor, Addr};
 use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
+use callbridge_actors::report::{FlushReports, GetReportStats, Reporter};
 use callbridge_actors::{CallRegistry, Engine, UpstreamKind};
 
 pub use settings::Settings;
@@ -31,9 +32,37 @@ pub struct Drain {
     engine: Engine,
     handle: actix_web::dev::ServerHandle,
     timeout: Duration,
+    reporter: Option<Addr<Reporter>>,
 }
 
 impl Drain {
+    /// Tries the end-of-call reports still queued, within what is left of the drain's time.
+    async fn send_reports(&self, started: Instant) {
+        let Some(reporter) = &self.reporter else {
+            return;
+        };
+        // Calls that ended but still wait for a GPT-Live session's final usage report then.
+        let grace = started + self.timeout;
+        while self.engine.calls_finishing() > 0 && Instant::now() < grace {
+            actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+        }
+        reporter.do_send(FlushReports);
+        loop {
+            let stats = reporter.send(GetReportStats).await.unwrap_or_default();
+            if stats.queued == 0 {
+                return;
+            }
+            if Instant::now() >= grace {
+                log::warn!(
+                    "drain: {} end-of-call reports still queued at the timeout: not sent",
+                    stats.queued
+                );
+                return;
+            }
+            actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Starts draining (once) and stops the server when the calls are gone or time is up.
     pub fn start(&self) {
         if self.engine.is_draining() {
@@ -52,6 +81,7 @@ impl Drain {
             loop {
                 let live = drain.engine.live_calls();
                 if live == 0 {
+                    drain.send_reports(started).await;
                     log::info!("drained: no call left; stopping");
                     drain.handle.stop(true).await;
                     return;
@@ -97,6 +127,16 @@ impl Application {
                 .flatten(),
             settings.prices.clone(),
         )?;
+        let reporter = (!settings.report.url.trim().is_empty()).then(|| {
+            Reporter::new(
+                settings.report.clone(),
+                settings.secrets.tools_secret.clone(),
+            )
+            .start()
+        });
+        if let Some(reporter) = &reporter {
+            engine.set_reporter(reporter.clone().recipient());
+        }
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
             .with_context(|| {
                 format!(
@@ -109,6 +149,7 @@ impl Application {
         let drain_timeout = Duration::from_secs(settings.server.drain_timeout_s);
         let state = web::Data::new(routes::AppState {
             engine: engine.clone(),
+            reporter: reporter.clone(),
             settings: Arc::new(settings),
             started: Instant::now(),
         });
@@ -133,6 +174,7 @@ impl Application {
             engine,
             handle: server.handle(),
             timeout: drain_timeout,
+            reporter,
         };
         Ok(Self {
             port,

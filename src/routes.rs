@@ -28,6 +28,8 @@ pub const MEDIA_STREAM_PATH: &str = "/media-stream";
 /// Shared by every worker.
 pub struct AppState {
     pub engine: Engine,
+    /// End-of-call reports, when `report.url` is set.
+    pub reporter: Option<actix::Addr<callbridge_actors::report::Reporter>>,
     pub settings: Arc<Settings>,
     pub started: Instant,
 }
@@ -217,6 +219,13 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         totals["cost_usd"] =
             json!((totals["cost_usd"].as_f64().unwrap_or(0.0) * 1e6).round() / 1e6);
         body["usage"] = totals;
+    }
+    if let Some(reporter) = &state.reporter {
+        let stats = reporter
+            .send(callbridge_actors::report::GetReportStats)
+            .await
+            .unwrap_or_default();
+        body["reports"] = json!(stats);
     }
     if let Some(warning) = state.settings.unchecked_warning() {
         body["security_warning"] = json!(warning);

@@ -28,6 +28,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// What the models cost, for the usage of each call.
     pub prices: callbridge_actors::session::usage::Prices,
+    /// Where each call's end-of-call report goes.
+    pub report: callbridge_actors::report::ReportConfig,
     /// From the environment only, never from a file.
     #[serde(skip)]
     pub secrets: Secrets,
@@ -139,6 +141,8 @@ pub struct Secrets {
     pub twilio_auth_token: Option<SecretString>,
     /// When set, `/calls` requires `Authorization: Bearer <token>`.
     pub admin_token: Option<SecretString>,
+    /// Keys the signature of end-of-call reports (and tool calls).
+    pub tools_secret: Option<SecretString>,
 }
 
 /// Why the settings cannot be used.
@@ -195,6 +199,7 @@ impl Settings {
             openai_api_key: secret("OPENAI_API_KEY"),
             twilio_auth_token: secret("TWILIO_AUTH_TOKEN"),
             admin_token: secret("CALLBRIDGE_ADMIN_TOKEN"),
+            tools_secret: secret("CALLBRIDGE_TOOLS_SECRET"),
         };
         settings.validate()?;
         Ok(settings)
@@ -205,6 +210,7 @@ impl Settings {
         self.prices
             .check()
             .map_err(|problem| ConfigError::new("prices", problem))?;
+        self.report.validate()?;
         if self.server.host.trim().is_empty() {
             return Err(ConfigError::new("server.host", "must not be empty"));
         }

@@ -38,6 +38,7 @@ use crate::openai_realtime::{mailbox_capacity, LegPort, OpenAiRealtimeActor};
 use crate::registry::{
     CallEnded, CallSnapshot, DroppedFrames, Queued, Register, TranscriptEntry, Unregister,
 };
+use crate::report::SubmitReport;
 use crate::session::restart::{Admission, Decision, LegFailure, RestartPolicy, Restarts};
 use crate::session::turns::{Action, Event, Turns, TurnsConfig};
 use crate::session::usage::{CallUsage, UsageMeter};
@@ -782,6 +783,14 @@ impl CallActor {
         if let Some(usage) = &usage {
             self.engine.record_usage(usage);
         }
+        if let Some(reporter) = self.engine.reporter() {
+            if self.registered {
+                reporter.do_send(SubmitReport {
+                    call_sid: self.call_sid.clone(),
+                    report: self.report(&reason, usage.as_ref()),
+                });
+            }
+        }
         let c = &self.counters;
         let dropped = DroppedFrames::from(c.as_ref());
         log::info!(
@@ -803,6 +812,39 @@ impl CallActor {
             usage.as_ref().map_or_else(|| "none (echo)".to_string(), describe_usage),
         );
         ctx.stop();
+    }
+
+    /// The end-of-call report (`report.url`).
+    fn report(&self, reason: &StopReason, usage: Option<&CallUsage>) -> serde_json::Value {
+        let c = &self.counters;
+        serde_json::json!({
+            "call_sid": self.call_sid,
+            "stream_sid": self.stream_sid,
+            "from": self.from,
+            "to": self.to,
+            "direction": "inbound",
+            "started_at": self.started_at.format(&Rfc3339).unwrap_or_default(),
+            "ended_at": now_rfc3339(),
+            "duration_ms": self.started.elapsed().as_millis() as u64,
+            "end_reason": reason.code(),
+            "end_detail": reason.to_string(),
+            "upstream": self.engine.upstream().as_str(),
+            "api": (self.engine.upstream() == UpstreamKind::OpenAi)
+                .then(|| self.engine.openai_config().api.as_str()),
+            "counters": {
+                "frames_in": CallCounters::get(&c.frames_in),
+                "frames_out": CallCounters::get(&c.frames_out),
+                "barge_ins": self.turns.barge_ins,
+                "upstream_restarts": self.restarts.total,
+                "rollovers": self.rollovers,
+                "upstream_errors": self.upstream_errors,
+                "malformed_frames": CallCounters::get(&c.malformed_frames),
+                "dropped_frames": DroppedFrames::from(c.as_ref()),
+            },
+            "usage": usage,
+            "cost_usd": usage.and_then(|u| u.cost_usd),
+            "transcript": self.transcript,
+        })
     }
 
     fn usage_report(&self) -> Option<CallUsage> {
@@ -927,6 +969,7 @@ impl Actor for CallActor {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.leave();
+        self.engine.call_actor_stopped();
         if self.probe {
             // The probe ended before OpenAI answered either way: let another call probe.
             self.engine.breaker().probe_abandoned();

@@ -12,6 +12,7 @@ use secrecy::SecretString;
 use crate::call::CallActor;
 use crate::config::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};
 use crate::registry::CallRegistry;
+use crate::report::SubmitReport;
 use crate::session::restart::Breaker;
 use crate::session::usage::{CallUsage, Prices};
 use crate::twilio_stream;
@@ -37,9 +38,13 @@ struct Inner {
     next_instance: AtomicU64,
     /// Media streams open now (a call's actor from start to stop), for `server.max_calls`.
     live: AtomicUsize,
+    /// Call actors alive (an ended call may still wait for its last usage, then reports).
+    actors: AtomicUsize,
     /// The process is draining (SIGTERM): no new calls.
     draining: AtomicBool,
     prices: Prices,
+    /// Where end-of-call reports go, when `report.url` is set (set once at start-up).
+    reporter: std::sync::OnceLock<Recipient<SubmitReport>>,
     /// What ended calls used, since start.
     usage_totals: Mutex<UsageTotals>,
 }
@@ -94,8 +99,10 @@ impl Engine {
                 hold_audio,
                 next_instance: AtomicU64::new(1),
                 live: AtomicUsize::new(0),
+                actors: AtomicUsize::new(0),
                 draining: AtomicBool::new(false),
                 prices,
+                reporter: std::sync::OnceLock::new(),
                 usage_totals: Mutex::new(UsageTotals::default()),
             }),
         })
@@ -112,6 +119,15 @@ impl Engine {
             .breaker
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends every call's end-of-call report to `reporter` from now on (set once, at start-up).
+    pub fn set_reporter(&self, reporter: Recipient<SubmitReport>) {
+        let _ = self.inner.reporter.set(reporter);
+    }
+
+    pub(crate) fn reporter(&self) -> Option<&Recipient<SubmitReport>> {
+        self.inner.reporter.get()
     }
 
     pub fn prices(&self) -> &Prices {
@@ -161,6 +177,20 @@ impl Engine {
 
     pub(crate) fn call_opened(&self) {
         self.inner.live.fetch_add(1, Ordering::Relaxed);
+        self.inner.actors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn call_actor_stopped(&self) {
+        self.inner.actors.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Calls that ended for the caller but are still finishing (a GPT-Live session's final
+    /// usage, the end-of-call line and report).
+    pub fn calls_finishing(&self) -> usize {
+        self.inner
+            .actors
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.live_calls())
     }
 
     pub(crate) fn call_closed(&self) {

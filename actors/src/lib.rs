@@ -57,6 +57,7 @@ pub mod openai_live;
 pub mod openai_realtime;
 pub mod protocol;
 pub mod registry;
+pub mod report;
 pub mod session;
 pub mod twilio_stream;
 

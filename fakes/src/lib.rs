@@ -16,6 +16,7 @@
 //!   hang-up, redirect and create checked strictly, call state, signed status callbacks and
 //!   voice requests for created calls, and the events a harness turns into the stream's `stop`.
 //! - [`g711`]: µ-law encode/decode (C).
+//! - [`receiver`]: a service callbridge POSTs signed JSON to (the end-of-call report).
 //! - [`twiml`]: TwiML read strictly, as Twilio reads it (A4).
 //! - [`webhook`]: Twilio's voice webhook: the signed POST of an incoming call, and its TwiML.
 //!
@@ -29,6 +30,7 @@ pub mod g711;
 pub mod live;
 pub mod openai;
 pub mod playback;
+pub mod receiver;
 pub mod twilio;
 pub mod twilio_rest;
 pub mod twiml;

@@ -31,7 +31,7 @@
 mod calls;
 mod dispatch;
 mod errors;
-mod http;
+pub(crate) mod http;
 mod outbound;
 mod rules;
 mod server;
