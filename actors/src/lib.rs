@@ -45,6 +45,8 @@
 //! [`echo`], [`registry`]), what every AI leg's socket needs ([`ai_socket`]), decisions without
 //! a runtime ([`session`]: inbound, playback, turns, restart, usage, fragments), wire formats
 //! without I/O ([`protocol`]), settings ([`config`]) and the shell's entry point ([`engine`]).
+//! Call control through Twilio's REST API (hang up, redirect to new TwiML, place a call) is
+//! [`twilio_rest`], a client with no actor of its own.
 //! This crate never imports the shell.
 
 pub mod ai_socket;
@@ -59,6 +61,7 @@ pub mod protocol;
 pub mod registry;
 pub mod report;
 pub mod session;
+pub mod twilio_rest;
 pub mod twilio_stream;
 
 pub use config::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};

@@ -5,6 +5,11 @@
 //! for the stream (caller number, call SID, tenant…) travels in `<Parameter>` elements, because
 //! Twilio does not support query strings on the stream URL; it comes back in the `start`
 //! message's `customParameters`.
+//!
+//! The documents sent to a live call through the REST API (`reference/twilio-rest.md` C, D,
+//! E) are built here too: [`dial`] for a blind transfer, [`say_then_hangup`] for the fallback
+//! goodbye. Those carry no URL at all, so error 15004 (a relative URL in REST TwiML) cannot
+//! arise, and they must stay within [`MAX_REST_TWIML_CHARS`].
 
 use std::borrow::Cow;
 
@@ -85,6 +90,85 @@ pub fn fallback_only(say: &str, dial: &str) -> String {
         "",
         1,
     )
+}
+
+/// The XML declaration every document starts with.
+const DECLARATION: &str = r#"<?xml version="1.0" encoding="UTF-8"?>"#;
+
+/// A `Twiml` parameter of the REST API may hold this many characters (error 32018,
+/// `twilio-rest.md` H). The builders below do not truncate: the REST client counts the
+/// characters of what it is given and refuses a longer document before sending it.
+pub const MAX_REST_TWIML_CHARS: usize = 4000;
+
+/// The blind transfer of `twilio-rest.md` E, sent to a live call with `Twiml=`: Twilio ends the
+/// call's `<Connect><Stream>` and runs this instead.
+///
+/// `<Response>[<Say>say_first</Say>]<Dial [callerId="…"] answerOnBridge="true">…</Dial></Response>`
+/// where the `<Dial>` holds `<Sip>target</Sip>` when `target` starts with `sip:` and
+/// `<Number>target</Number>` otherwise. `target` should be E.164 (`+14155550100`) or a `sip:` URI
+/// under 255 characters; it is trimmed and escaped, not otherwise checked (Twilio logs 13223 for
+/// a number that is not E.164). `caller_id` must be one Twilio accepts (13214: the calling or
+/// called number, or a number or verified caller ID of the account; for SIP, letters, digits and
+/// `+-_.`); an empty one is left out, and the callee then sees the caller's own number.
+///
+/// With no `caller_id` and no `say_first` the output is the 147-character document of the
+/// reference's transfer body (section C).
+///
+/// Nothing follows the `<Dial>`: when it ends the call ends. The reference's example plays an
+/// apology after `</Dial>`, but without an `action` those verbs also run when the callee hangs
+/// up after a conversation, so the caller would hear "nobody could take your call" after talking
+/// to someone. No `timeout` either: Twilio's default ring time applies.
+pub fn dial(target: &str, caller_id: Option<&str>, say_first: Option<&str>) -> String {
+    let target = target.trim();
+    let mut twiml = String::with_capacity(160 + target.len());
+    twiml.push_str(DECLARATION);
+    twiml.push_str("<Response>");
+    push_say(&mut twiml, say_first.unwrap_or_default());
+    twiml.push_str("<Dial");
+    if let Some(caller_id) = caller_id.map(str::trim).filter(|c| !c.is_empty()) {
+        twiml.push_str(" callerId=\"");
+        twiml.push_str(&xml_escape(caller_id));
+        twiml.push('"');
+    }
+    // The parent call stays unanswered until the callee answers: it matters for a call that was
+    // not answered yet, and a mid-call transfer (already answered) is not hurt by it.
+    twiml.push_str(" answerOnBridge=\"true\">");
+    let noun = if target.starts_with("sip:") {
+        "Sip"
+    } else {
+        "Number"
+    };
+    twiml.push('<');
+    twiml.push_str(noun);
+    twiml.push('>');
+    twiml.push_str(&xml_escape(target));
+    twiml.push_str("</");
+    twiml.push_str(noun);
+    twiml.push_str("></Dial></Response>");
+    twiml
+}
+
+/// `<Response><Say>text</Say><Hangup/></Response>` (`<Say>` left out when `text` is blank):
+/// the fallback goodbye of `twilio-rest.md` D, in Twilio's voice. The preferred goodbye is the
+/// assistant's own audio followed by a REST hang-up (`Status=completed`); this is for when that
+/// audio cannot be played.
+pub fn say_then_hangup(text: &str) -> String {
+    let mut twiml = String::with_capacity(80 + text.len());
+    twiml.push_str(DECLARATION);
+    twiml.push_str("<Response>");
+    push_say(&mut twiml, text);
+    twiml.push_str("<Hangup/></Response>");
+    twiml
+}
+
+/// Appends `<Say>text</Say>` (trimmed, escaped) unless `text` is blank.
+fn push_say(twiml: &mut String, text: &str) {
+    let text = text.trim();
+    if !text.is_empty() {
+        twiml.push_str("<Say>");
+        twiml.push_str(&xml_escape(text));
+        twiml.push_str("</Say>");
+    }
 }
 
 /// Whether [`connect_stream`] will include a `<Parameter>` with this name and value: their
@@ -263,5 +347,68 @@ mod tests {
         // Escaping does not count against the limit: 495 '&' (2475 bytes once escaped) fit.
         let amps = "&".repeat(MAX_PARAMETER_CHARS - 1 - "name".len());
         assert!(connect_stream("wss://h/m", &[("name", &amps)]).contains("&amp;&amp;"));
+    }
+
+    /// The transfer document of `twilio-rest.md` C, byte for byte (147 characters).
+    #[test]
+    fn dial_is_the_reference_transfer() {
+        let twiml = dial("+15005550006", Some("+14155550123"), None);
+        assert_eq!(
+            twiml,
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><Response>"#,
+                r#"<Dial callerId="+14155550123" answerOnBridge="true">"#,
+                r#"<Number>+15005550006</Number></Dial></Response>"#,
+            )
+        );
+        assert_eq!(twiml.chars().count(), 147);
+    }
+
+    /// `sip:` targets become `<Sip>`; a blank caller ID or announcement is left out; text,
+    /// targets and caller IDs are escaped.
+    #[test]
+    fn dial_variants() {
+        assert_eq!(
+            dial(" sip:agent@pbx.example.com ", Some(""), Some("  ")),
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><Response>"#,
+                r#"<Dial answerOnBridge="true"><Sip>sip:agent@pbx.example.com</Sip></Dial>"#,
+                r#"</Response>"#,
+            )
+        );
+        assert_eq!(
+            dial(
+                "+15005550006",
+                Some("bridge.desk_1"),
+                Some("One moment & <hold>.")
+            ),
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><Response>"#,
+                r#"<Say>One moment &amp; &lt;hold&gt;.</Say>"#,
+                r#"<Dial callerId="bridge.desk_1" answerOnBridge="true">"#,
+                r#"<Number>+15005550006</Number></Dial></Response>"#,
+            )
+        );
+        let hostile = dial("+1</Number><Hangup/>", Some("\"><Hangup/>"), None);
+        assert!(!hostile.contains("<Hangup/>"), "{hostile}");
+        assert!(
+            hostile.contains(r#"callerId="&quot;&gt;&lt;Hangup/&gt;""#),
+            "{hostile}"
+        );
+    }
+
+    #[test]
+    fn say_then_hangup_exact() {
+        assert_eq!(
+            say_then_hangup("Goodbye. It's been a pleasure."),
+            concat!(
+                r#"<?xml version="1.0" encoding="UTF-8"?><Response>"#,
+                r#"<Say>Goodbye. It&apos;s been a pleasure.</Say><Hangup/></Response>"#,
+            )
+        );
+        assert_eq!(
+            say_then_hangup(""),
+            r#"<?xml version="1.0" encoding="UTF-8"?><Response><Hangup/></Response>"#
+        );
     }
 }
