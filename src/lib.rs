@@ -13,6 +13,7 @@ use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use callbridge_actors::report::{FlushReports, GetReportStats, Reporter};
+use callbridge_actors::twilio_rest::{RestConfig, TwilioRest};
 use callbridge_actors::{CallRegistry, Engine, UpstreamKind};
 
 pub use settings::Settings;
@@ -136,6 +137,17 @@ impl Application {
         });
         if let Some(reporter) = &reporter {
             engine.set_reporter(reporter.clone().recipient());
+        }
+        if let (Some(account_sid), Some(auth)) = (
+            settings.secrets.twilio_account_sid.clone(),
+            settings.secrets.twilio_rest_auth(),
+        ) {
+            engine.set_rest(TwilioRest::new(RestConfig {
+                api_base: settings.twilio.api_base.trim_end_matches('/').to_owned(),
+                account_sid,
+                auth,
+                timeout: Duration::from_millis(settings.twilio.api_timeout_ms),
+            }));
         }
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))
             .with_context(|| {

@@ -15,7 +15,9 @@ use std::time::Instant;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use callbridge_actors::config::OpenAiApi;
+use callbridge_actors::messages::{CallControl, ControlRefused};
 use callbridge_actors::protocol::{signature, twilio, twiml};
+use callbridge_actors::registry::ControlCall;
 use callbridge_actors::{CallCount, EndedCalls, Engine, GetCall, ListCalls, UpstreamKind};
 use secrecy::ExposeSecret;
 use serde_json::json;
@@ -54,6 +56,15 @@ pub enum ApiError {
     /// A request whose content is not what Twilio sends.
     #[error("{0}")]
     BadRequest(&'static str),
+    /// A transfer target `call.transfer_allow` does not allow.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The call cannot take the command now.
+    #[error("{0}")]
+    Conflict(String),
+    /// What the command needs is not configured.
+    #[error("{0}")]
+    Unavailable(String),
     /// The registry did not answer.
     #[error("call registry unavailable")]
     RegistryUnavailable,
@@ -66,6 +77,9 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized | ApiError::LoopbackOnly => StatusCode::UNAUTHORIZED,
             ApiError::CallNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RegistryUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -81,7 +95,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
         .route("/calls", web::get().to(list_calls))
-        .route("/calls/{call_sid}", web::get().to(get_call));
+        .route("/calls/{call_sid}", web::get().to(get_call))
+        .route("/calls/{call_sid}/hangup", web::post().to(hangup))
+        .route("/calls/{call_sid}/transfer", web::post().to(transfer))
+        .route("/calls/{call_sid}/say", web::post().to(say));
 }
 
 /// Answers Twilio's voice webhook with TwiML that connects the call to our media stream.
@@ -280,6 +297,167 @@ async fn get_call(
         Some(call) => Ok(HttpResponse::Ok().json(call)),
         None => Err(ApiError::CallNotFound(call_sid)),
     }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HangupBody {
+    #[serde(default)]
+    goodbye: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TransferBody {
+    to: String,
+    #[serde(default)]
+    announce: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SayBody {
+    text: String,
+}
+
+/// Words sent to the model in one command, at most (they become instructions).
+const MAX_WORDS_CHARS: usize = 2_000;
+
+/// Reads a JSON body (an empty one as `{}`), with a JSON 400 for anything else.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|_| {
+        ApiError::BadRequest("the body must be a JSON object with the documented fields")
+    })
+}
+
+fn check_words(words: Option<&str>) -> Result<(), ApiError> {
+    if words.is_some_and(|w| w.chars().count() > MAX_WORDS_CHARS) {
+        return Err(ApiError::BadRequest("text over 2000 characters"));
+    }
+    Ok(())
+}
+
+/// Sends `command` to the live call `call_sid`: 202 when it took it.
+async fn control(
+    state: &AppState,
+    call_sid: String,
+    command: CallControl,
+) -> Result<HttpResponse, ApiError> {
+    let answer = state
+        .engine
+        .registry()
+        .send(ControlCall {
+            call_sid: call_sid.clone(),
+            command,
+        })
+        .await
+        .map_err(|_| ApiError::RegistryUnavailable)?;
+    match answer {
+        None => Err(ApiError::CallNotFound(call_sid)),
+        Some(Ok(())) => {
+            Ok(HttpResponse::Accepted().json(json!({"accepted": true, "call_sid": call_sid})))
+        }
+        Some(Err(refused @ ControlRefused::NoRest)) => {
+            Err(ApiError::Unavailable(refused.to_string()))
+        }
+        Some(Err(refused)) => Err(ApiError::Conflict(refused.to_string())),
+    }
+}
+
+/// `POST /calls/{sid}/hangup {"goodbye": "…"}`: say the goodbye (if any), let it play, then end
+/// the call through Twilio.
+async fn hangup(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    let body: HangupBody = json_body(&body)?;
+    check_words(body.goodbye.as_deref())?;
+    control(
+        &state,
+        path.into_inner(),
+        CallControl::Hangup {
+            goodbye: body.goodbye,
+        },
+    )
+    .await
+}
+
+/// `POST /calls/{sid}/transfer {"to": "+1…" | "sip:…", "announce": "…"}`: only to targets
+/// `call.transfer_allow` allows (403 otherwise, and no request to Twilio).
+async fn transfer(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    let body: TransferBody = json_body(&body)?;
+    check_words(body.announce.as_deref())?;
+    let to = body.to.trim().to_owned();
+    let number = to.len() >= 8
+        && to.len() <= 16
+        && to.starts_with('+')
+        && to[1..].bytes().all(|b| b.is_ascii_digit());
+    let sip = to.starts_with("sip:")
+        && to.len() < 255
+        && to[4..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@.-_+:;=".contains(&b));
+    if !(number || sip) {
+        return Err(ApiError::BadRequest(
+            "`to` must be an E.164 number (+14155550100) or a sip: URI",
+        ));
+    }
+    let call = state.engine.call_config();
+    if call.transfer_allow.is_empty() {
+        return Err(ApiError::Forbidden(
+            "transfers are disabled: list the allowed targets in call.transfer_allow".into(),
+        ));
+    }
+    if !call.transfer_allowed(&to) {
+        log::warn!("transfer refused: the target is not allowed by call.transfer_allow");
+        return Err(ApiError::Forbidden(
+            "the target is not allowed by call.transfer_allow".into(),
+        ));
+    }
+    control(
+        &state,
+        path.into_inner(),
+        CallControl::Transfer {
+            to,
+            announce: body.announce,
+        },
+    )
+    .await
+}
+
+/// `POST /calls/{sid}/say {"text": "…"}`: the assistant says these words as its next turn.
+async fn say(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    let body: SayBody = json_body(&body)?;
+    if body.text.trim().is_empty() {
+        return Err(ApiError::BadRequest("`text` must not be empty"));
+    }
+    check_words(Some(&body.text))?;
+    control(
+        &state,
+        path.into_inner(),
+        CallControl::Say { text: body.text },
+    )
+    .await
 }
 
 /// The warning shown at start-up and in `/health` when calls go to the echo assistant.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use callbridge_actors::{CallConfig, ConfigError, OpenAiConfig, UpstreamKind};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
 /// The file read when `--config` is not given (missing is fine: defaults apply).
@@ -89,13 +89,27 @@ impl UpstreamMode {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TwilioSettings {
     /// Check `X-Twilio-Signature` on `/voice` and `/media-stream` when `TWILIO_AUTH_TOKEN` is set
     /// (unset: yes). In OpenAI mode without a token, start-up refuses unless this is set to
     /// `false` explicitly.
     pub validate_signatures: Option<bool>,
+    /// Twilio's REST API (hang-ups, transfers); tests point it at a fake.
+    pub api_base: String,
+    /// One REST request's timeout, ms.
+    pub api_timeout_ms: u64,
+}
+
+impl Default for TwilioSettings {
+    fn default() -> Self {
+        TwilioSettings {
+            validate_signatures: None,
+            api_base: "https://api.twilio.com".into(),
+            api_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// What the caller hears when the assistant cannot go on: TwiML after `</Connect>`, which
@@ -143,6 +157,27 @@ pub struct Secrets {
     pub admin_token: Option<SecretString>,
     /// Keys the signature of end-of-call reports (and tool calls).
     pub tools_secret: Option<SecretString>,
+    /// The Twilio account (`AC…`) whose calls callbridge controls through the REST API.
+    pub twilio_account_sid: Option<String>,
+    /// A Twilio API key (`SK…`) and its secret, for the REST API (else the auth token).
+    pub twilio_api_key_sid: Option<String>,
+    pub twilio_api_key_secret: Option<SecretString>,
+}
+
+impl Secrets {
+    /// The REST API's credentials: an API key when one is set, otherwise the account SID and
+    /// auth token. `None` without an account SID or any credentials.
+    pub fn twilio_rest_auth(&self) -> Option<callbridge_actors::twilio_rest::RestAuth> {
+        use callbridge_actors::twilio_rest::RestAuth;
+        self.twilio_account_sid.as_ref()?;
+        match (&self.twilio_api_key_sid, &self.twilio_api_key_secret) {
+            (Some(sid), Some(secret)) => Some(RestAuth::ApiKey {
+                sid: sid.clone(),
+                secret: secret.clone(),
+            }),
+            _ => self.twilio_auth_token.clone().map(RestAuth::AuthToken),
+        }
+    }
 }
 
 /// Why the settings cannot be used.
@@ -200,6 +235,9 @@ impl Settings {
             twilio_auth_token: secret("TWILIO_AUTH_TOKEN"),
             admin_token: secret("CALLBRIDGE_ADMIN_TOKEN"),
             tools_secret: secret("CALLBRIDGE_TOOLS_SECRET"),
+            twilio_account_sid: secret("TWILIO_ACCOUNT_SID").map(|s| s.expose_secret().to_owned()),
+            twilio_api_key_sid: secret("TWILIO_API_KEY_SID").map(|s| s.expose_secret().to_owned()),
+            twilio_api_key_secret: secret("TWILIO_API_KEY_SECRET"),
         };
         settings.validate()?;
         Ok(settings)
@@ -211,6 +249,28 @@ impl Settings {
             .check()
             .map_err(|problem| ConfigError::new("prices", problem))?;
         self.report.validate()?;
+        let api = self.twilio.api_base.trim();
+        if !(api.starts_with("https://") || api.starts_with("http://")) {
+            return Err(ConfigError::new(
+                "twilio.api_base",
+                format!("must be an http(s):// URL, got {api:?}"),
+            ));
+        }
+        if let Some(sid) = &self.secrets.twilio_account_sid {
+            if !(sid.starts_with("AC") && sid.len() == 34) {
+                return Err(ConfigError::new(
+                    "TWILIO_ACCOUNT_SID",
+                    "must be the account's SID: AC followed by 32 characters",
+                ));
+            }
+        }
+        if self.secrets.twilio_api_key_sid.is_some() != self.secrets.twilio_api_key_secret.is_some()
+        {
+            return Err(ConfigError::new(
+                "TWILIO_API_KEY_SID",
+                "and TWILIO_API_KEY_SECRET must be set together",
+            ));
+        }
         if self.server.host.trim().is_empty() {
             return Err(ConfigError::new("server.host", "must not be empty"));
         }

@@ -29,9 +29,9 @@ use crate::echo::EchoUpstream;
 use crate::engine::Engine;
 use crate::messages::UsageReport;
 use crate::messages::{
-    AudioIn, AudioOut, CallCounters, CallIdentified, ClearAudio, ContextLine, Dtmf, GetSnapshot,
-    MarkTail, Role, RouteCallerAudio, Stop, StopReason, StreamStarted, Transcript, UpstreamCommand,
-    UpstreamEvent,
+    AudioIn, AudioOut, CallControl, CallCounters, CallIdentified, ClearAudio, ContextLine,
+    ControlRefused, Dtmf, GetSnapshot, MarkTail, Role, RouteCallerAudio, Stop, StopReason,
+    StreamStarted, Transcript, UpstreamCommand, UpstreamEvent,
 };
 use crate::openai_live::OpenAiLiveActor;
 use crate::openai_realtime::{mailbox_capacity, LegPort, OpenAiRealtimeActor};
@@ -143,6 +143,25 @@ fn engine_legs(engine: &Engine) -> LegFactory {
     })
 }
 
+/// How often a hang-up or transfer that waits for its words to play looks again.
+const CLOSING_POLL: Duration = Duration::from_millis(50);
+
+/// After Twilio took a hang-up or transfer, its `stop` is expected within this long; then the
+/// call is ended here.
+const STOP_AFTER_REST: Duration = Duration::from_secs(10);
+
+/// A hang-up or transfer under way.
+struct Closing {
+    /// The TwiML of a transfer; `None`: a hang-up.
+    transfer: Option<String>,
+    /// Go through Twilio at the latest then (`call.goodbye_timeout_ms` after the request).
+    deadline: Instant,
+    /// Words to play first were asked for.
+    words: bool,
+    /// The REST request is out.
+    sent: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LegState {
     Connecting,
@@ -192,6 +211,10 @@ pub struct CallActor {
     awaiting_usage_of: Option<u32>,
     /// The current leg reported `Ready` at least once.
     leg_was_ready: bool,
+    /// A hang-up or transfer under way (through Twilio's REST API).
+    closing: Option<Closing>,
+    /// Twilio took a hang-up or transfer: its `stop` ends the call with this reason.
+    ended_by_us: Option<StopReason>,
     leg_state: LegState,
     ready_since: Option<Instant>,
     upstream_errors: u64,
@@ -279,6 +302,8 @@ impl CallActor {
             end_reason: None,
             awaiting_usage_of: None,
             leg_was_ready: false,
+            closing: None,
+            ended_by_us: None,
             leg_state: LegState::Connecting,
             ready_since: None,
             upstream_errors: 0,
@@ -869,6 +894,79 @@ impl CallActor {
         }
     }
 
+    /// A hang-up or transfer goes through Twilio once its words played (the response is done
+    /// and Twilio confirmed all the audio sent), or at its deadline.
+    fn check_closing(&mut self, ctx: &mut Context<Self>) {
+        let Some(closing) = &self.closing else { return };
+        if closing.sent || self.ending {
+            return;
+        }
+        let played = !closing.words
+            || (!self.turns.response_pending()
+                && CallCounters::get(&self.counters.unconfirmed_ms) == 0
+                && CallCounters::get(&self.counters.twilio_queued_ms) == 0);
+        let late = Instant::now() >= closing.deadline;
+        if !played && !late {
+            ctx.run_later(CLOSING_POLL, |act, ctx| act.check_closing(ctx));
+            return;
+        }
+        if late && !played {
+            log::warn!(
+                "{} the assistant's last words did not play within call.goodbye_timeout_ms: going on",
+                self.label
+            );
+        }
+        let Some(rest) = self.engine.rest().cloned() else {
+            return;
+        };
+        let transfer = closing.transfer.clone();
+        if let Some(closing) = self.closing.as_mut() {
+            closing.sent = true;
+        }
+        let call_sid = self.call_sid.clone();
+        let reason = if transfer.is_some() {
+            StopReason::Transferred
+        } else {
+            StopReason::HungUp
+        };
+        async move {
+            match &transfer {
+                Some(twiml) => rest.redirect(&call_sid, twiml).await,
+                None => rest.hang_up(&call_sid).await,
+            }
+        }
+        .into_actor(self)
+        .map(move |result, act, ctx| match result {
+            Ok(outcome) => {
+                log::info!(
+                    "{} {} through Twilio ({outcome:?}): waiting for Twilio's stop",
+                    act.label,
+                    reason.code()
+                );
+                act.ended_by_us = Some(reason.clone());
+                act.closing = None;
+                ctx.run_later(STOP_AFTER_REST, move |act, ctx| {
+                    if !act.ending {
+                        log::warn!(
+                            "{} no stop from Twilio after the REST request: ending the call",
+                            act.label
+                        );
+                        act.end_call(reason, ctx);
+                    }
+                });
+            }
+            Err(e) => {
+                log::error!(
+                    "{} {} through Twilio failed: {e}; the call goes on",
+                    act.label,
+                    reason.code()
+                );
+                act.closing = None;
+            }
+        })
+        .spawn(ctx);
+    }
+
     fn standby_is(&self, leg_no: u32) -> bool {
         self.standby.as_ref().is_some_and(|(n, _)| *n == leg_no)
     }
@@ -1023,6 +1121,7 @@ impl Handler<StreamStarted> for CallActor {
             call_sid: self.call_sid.clone(),
             instance: self.instance,
             snapshot: ctx.address().recipient(),
+            control: Some(ctx.address().recipient()),
         });
         self.registered = true;
     }
@@ -1130,8 +1229,104 @@ impl Handler<Stop> for CallActor {
     type Result = ();
 
     fn handle(&mut self, msg: Stop, ctx: &mut Context<Self>) {
-        self.end_call(msg.reason, ctx);
+        // After a hang-up or transfer, Twilio's stop (or close) is the end we asked for.
+        let reason = match (&self.ended_by_us, &msg.reason) {
+            (Some(ours), StopReason::TwilioStop | StopReason::TwilioClosed(_)) => ours.clone(),
+            _ => msg.reason,
+        };
+        self.end_call(reason, ctx);
     }
+}
+
+/// The operator API: hang up, transfer, say.
+impl Handler<CallControl> for CallActor {
+    type Result = Result<(), ControlRefused>;
+
+    fn handle(&mut self, msg: CallControl, ctx: &mut Context<Self>) -> Self::Result {
+        if self.ending {
+            return Err(ControlRefused::Ending);
+        }
+        if self.call_sid.is_empty() {
+            return Err(ControlRefused::NotStarted);
+        }
+        let (transfer, words) = match msg {
+            CallControl::Say { text } => {
+                if self.usage.is_none() && self.leg.is_none() {
+                    return Err(ControlRefused::NoAssistant);
+                }
+                log::info!(
+                    "{} operator: the assistant says {} characters next",
+                    self.label,
+                    text.len()
+                );
+                self.apply(
+                    Event::Speak {
+                        instructions: say_exactly(&text),
+                    },
+                    ctx,
+                );
+                return Ok(());
+            }
+            CallControl::Hangup { goodbye } => (None, goodbye),
+            CallControl::Transfer { to, announce } => {
+                let caller_id = Some(self.engine.call_config().transfer_caller_id.clone())
+                    .filter(|c| !c.is_empty())
+                    .or_else(|| Some(self.to.clone()).filter(|c| !c.is_empty()));
+                (
+                    Some(crate::protocol::twiml::dial(
+                        &to,
+                        caller_id.as_deref(),
+                        None,
+                    )),
+                    announce,
+                )
+            }
+        };
+        if self.closing.is_some() || self.ended_by_us.is_some() {
+            return Err(ControlRefused::Busy);
+        }
+        if self.engine.rest().is_none() {
+            return Err(ControlRefused::NoRest);
+        }
+        let what = if transfer.is_some() {
+            "transfer"
+        } else {
+            "hang-up"
+        };
+        let words = words.filter(|w| !w.trim().is_empty());
+        log::info!(
+            "{} operator: {what}{}",
+            self.label,
+            if words.is_some() {
+                " after the assistant's words"
+            } else {
+                ""
+            }
+        );
+        let deadline =
+            Instant::now() + Duration::from_millis(self.engine.call_config().goodbye_timeout_ms);
+        self.closing = Some(Closing {
+            transfer,
+            deadline,
+            words: words.is_some(),
+            sent: false,
+        });
+        if let Some(words) = words {
+            self.apply(
+                Event::Speak {
+                    instructions: words,
+                },
+                ctx,
+            );
+        }
+        self.check_closing(ctx);
+        Ok(())
+    }
+}
+
+/// Instructions that make the assistant say `text`, word for word.
+fn say_exactly(text: &str) -> String {
+    format!("Say exactly the following words, and nothing else: \"{text}\"")
 }
 
 /// The registry asks for `/calls`.

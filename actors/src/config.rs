@@ -304,6 +304,14 @@ pub struct CallConfig {
     /// A WAV file of 8 kHz mono μ-law played (looped) to the caller while the AI leg restarts;
     /// empty: silence.
     pub hold_audio: String,
+    /// A hang-up or transfer with words to say first waits at most this long (from the request)
+    /// for them to play before it goes through Twilio, ms.
+    pub goodbye_timeout_ms: u64,
+    /// Transfer targets allowed: a target must start with one of these (`+1415`, `sip:desk@`).
+    /// Empty: transfers are disabled.
+    pub transfer_allow: Vec<String>,
+    /// The caller ID a transfer dials with; empty: the number the caller dialled.
+    pub transfer_caller_id: String,
 }
 
 impl Default for CallConfig {
@@ -325,6 +333,9 @@ impl Default for CallConfig {
             openai_queue_ms: 2_000,
             start_timeout_ms: 5_000,
             hold_audio: String::new(),
+            goodbye_timeout_ms: 8_000,
+            transfer_allow: Vec::new(),
+            transfer_caller_id: String::new(),
         }
     }
 }
@@ -356,7 +367,33 @@ impl CallConfig {
         Ok(Some(chunks.into()))
     }
 
+    /// Whether `target` may be transferred to (`call.transfer_allow`).
+    pub fn transfer_allowed(&self, target: &str) -> bool {
+        self.transfer_allow
+            .iter()
+            .any(|prefix| !prefix.is_empty() && target.starts_with(prefix.as_str()))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(100..=60_000).contains(&self.goodbye_timeout_ms) {
+            return Err(ConfigError::new(
+                "call.goodbye_timeout_ms",
+                format!(
+                    "must be between 100 and 60000, got {}",
+                    self.goodbye_timeout_ms
+                ),
+            ));
+        }
+        if let Some(bad) = self
+            .transfer_allow
+            .iter()
+            .find(|p| !(p.starts_with('+') || p.starts_with("sip:")) || p.len() < 2)
+        {
+            return Err(ConfigError::new(
+                "call.transfer_allow",
+                format!("entries are number prefixes (+1415…) or sip: prefixes, got {bad:?}"),
+            ));
+        }
         if self.mark_interval_ms > 1_000 {
             return Err(ConfigError::new(
                 "call.mark_interval_ms",

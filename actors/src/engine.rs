@@ -45,6 +45,8 @@ struct Inner {
     prices: Prices,
     /// Where end-of-call reports go, when `report.url` is set (set once at start-up).
     reporter: std::sync::OnceLock<Recipient<SubmitReport>>,
+    /// Twilio's REST API, when the account is configured (set once at start-up).
+    rest: std::sync::OnceLock<crate::twilio_rest::TwilioRest>,
     /// What ended calls used, since start.
     usage_totals: Mutex<UsageTotals>,
 }
@@ -103,6 +105,7 @@ impl Engine {
                 draining: AtomicBool::new(false),
                 prices,
                 reporter: std::sync::OnceLock::new(),
+                rest: std::sync::OnceLock::new(),
                 usage_totals: Mutex::new(UsageTotals::default()),
             }),
         })
@@ -124,6 +127,15 @@ impl Engine {
     /// Sends every call's end-of-call report to `reporter` from now on (set once, at start-up).
     pub fn set_reporter(&self, reporter: Recipient<SubmitReport>) {
         let _ = self.inner.reporter.set(reporter);
+    }
+
+    /// Hang-ups and transfers go through `rest` from now on (set once, at start-up).
+    pub fn set_rest(&self, rest: crate::twilio_rest::TwilioRest) {
+        let _ = self.inner.rest.set(rest);
+    }
+
+    pub fn rest(&self) -> Option<&crate::twilio_rest::TwilioRest> {
+        self.inner.rest.get()
     }
 
     pub(crate) fn reporter(&self) -> Option<&Recipient<SubmitReport>> {

@@ -99,6 +99,10 @@ pub enum StopReason {
     /// To an AI leg only: a newer session has taken over this call (a rollover). Send what is
     /// queued, then close.
     Rollover,
+    /// callbridge ended the call through Twilio's REST API (an operator or the model asked).
+    HungUp,
+    /// callbridge transferred the call through Twilio's REST API (`<Dial>`).
+    Transferred,
 }
 
 impl StopReason {
@@ -115,12 +119,20 @@ impl StopReason {
             StopReason::BreakerOpen(_) => "breaker_open",
             StopReason::Shutdown => "shutdown",
             StopReason::Rollover => "rollover",
+            StopReason::HungUp => "hung_up",
+            StopReason::Transferred => "transferred",
         }
     }
 
     /// Whether the Twilio socket is already gone (nothing to close on that side).
     pub fn twilio_gone(&self) -> bool {
-        matches!(self, StopReason::TwilioStop | StopReason::TwilioClosed(_))
+        matches!(
+            self,
+            StopReason::TwilioStop
+                | StopReason::TwilioClosed(_)
+                | StopReason::HungUp
+                | StopReason::Transferred
+        )
     }
 }
 
@@ -149,6 +161,8 @@ impl std::fmt::Display for StopReason {
             ),
             StopReason::Shutdown => write!(f, "service shutting down"),
             StopReason::Rollover => write!(f, "a new session took over (rollover)"),
+            StopReason::HungUp => write!(f, "hung up through Twilio's REST API"),
+            StopReason::Transferred => write!(f, "transferred through Twilio's REST API"),
         }
     }
 }
@@ -307,6 +321,41 @@ pub enum UsageReport {
     Tokens(crate::session::usage::TokenUsage),
     /// A GPT-Live session's cumulative seconds (replaces that session's previous value).
     Seconds { leg: u32, seconds: f64, last: bool },
+}
+
+/// The operator API → a live call (through the registry).
+#[derive(Message, Debug, Clone, PartialEq)]
+#[rtype(result = "Result<(), ControlRefused>")]
+pub enum CallControl {
+    /// End the call through Twilio's REST API, after the assistant said `goodbye` (instructions)
+    /// and it played, or at once.
+    Hangup { goodbye: Option<String> },
+    /// Move the call to `to` (already checked against `call.transfer_allow`) with `<Dial>`, after
+    /// the assistant said `announce` and it played.
+    Transfer {
+        to: String,
+        announce: Option<String>,
+    },
+    /// The assistant says `text` as its next turn.
+    Say { text: String },
+}
+
+/// Why a call refused a [`CallControl`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlRefused {
+    #[error("the call is ending")]
+    Ending,
+    #[error("the call has not started yet")]
+    NotStarted,
+    #[error("a hang-up or transfer of this call is already under way")]
+    Busy,
+    #[error(
+        "Twilio's REST API is not configured: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN (or \
+         TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET)"
+    )]
+    NoRest,
+    #[error("the call has no AI session to speak")]
+    NoAssistant,
 }
 
 /// CallRegistry → CallActor: describe yourself for `/calls`.

@@ -10,7 +10,7 @@ use actix::prelude::*;
 use futures_util::future::join_all;
 use serde::Serialize;
 
-use crate::messages::GetSnapshot;
+use crate::messages::{CallControl, ControlRefused, GetSnapshot};
 
 /// How long after the last call ends the registry hands freed memory back to the OS.
 const RELEASE_MEMORY_AFTER: Duration = Duration::from_secs(1);
@@ -125,6 +125,8 @@ pub struct Register {
     /// Tells this registration from a later one with the same SID.
     pub instance: u64,
     pub snapshot: Recipient<GetSnapshot>,
+    /// Where the operator API's commands go (none in tests that only list calls).
+    pub control: Option<Recipient<CallControl>>,
 }
 
 /// CallActor → CallRegistry: this call has ended.
@@ -165,9 +167,12 @@ pub struct GetCall {
 #[rtype(result = "usize")]
 pub struct CallCount;
 
+/// A live call: its instance, how to ask for its snapshot, where its commands go.
+type Entry = (u64, Recipient<GetSnapshot>, Option<Recipient<CallControl>>);
+
 #[derive(Default)]
 pub struct CallRegistry {
-    calls: HashMap<String, (u64, Recipient<GetSnapshot>)>,
+    calls: HashMap<String, Entry>,
     ended: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -182,7 +187,10 @@ impl Handler<Register> for CallRegistry {
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
         if self
             .calls
-            .insert(msg.call_sid.clone(), (msg.instance, msg.snapshot))
+            .insert(
+                msg.call_sid.clone(),
+                (msg.instance, msg.snapshot, msg.control),
+            )
             .is_some()
         {
             log::warn!(
@@ -201,7 +209,7 @@ impl Handler<Unregister> for CallRegistry {
         if self
             .calls
             .get(&msg.call_sid)
-            .is_some_and(|(instance, _)| *instance == msg.instance)
+            .is_some_and(|(instance, _, _)| *instance == msg.instance)
         {
             self.calls.remove(&msg.call_sid);
             if self.calls.is_empty() {
@@ -224,7 +232,7 @@ impl Handler<ListCalls> for CallRegistry {
         let asks: Vec<_> = self
             .calls
             .values()
-            .map(|(_, r)| {
+            .map(|(_, r, _)| {
                 r.send(GetSnapshot {
                     with_transcript: false,
                 })
@@ -243,11 +251,37 @@ impl Handler<ListCalls> for CallRegistry {
 }
 
 /// Asks one call for its snapshot with transcript.
+/// The operator API → a live call: `None` for an unknown call.
+#[derive(Message)]
+#[rtype(result = "Option<Result<(), ControlRefused>>")]
+pub struct ControlCall {
+    pub call_sid: String,
+    pub command: CallControl,
+}
+
+impl Handler<ControlCall> for CallRegistry {
+    type Result = ResponseFuture<Option<Result<(), ControlRefused>>>;
+
+    fn handle(&mut self, msg: ControlCall, _: &mut Context<Self>) -> Self::Result {
+        let ask = self
+            .calls
+            .get(&msg.call_sid)
+            .and_then(|(_, _, control)| control.as_ref())
+            .map(|control| control.send(msg.command));
+        Box::pin(async move {
+            match ask {
+                Some(ask) => Some(ask.await.unwrap_or(Err(ControlRefused::Ending))),
+                None => None,
+            }
+        })
+    }
+}
+
 impl Handler<GetCall> for CallRegistry {
     type Result = ResponseFuture<Option<CallSnapshot>>;
 
     fn handle(&mut self, msg: GetCall, _: &mut Context<Self>) -> Self::Result {
-        let ask = self.calls.get(&msg.call_sid).map(|(_, r)| {
+        let ask = self.calls.get(&msg.call_sid).map(|(_, r, _)| {
             r.send(GetSnapshot {
                 with_transcript: true,
             })
@@ -339,6 +373,7 @@ mod tests {
                 call_sid: "CA1".into(),
                 instance: 1,
                 snapshot: a.recipient(),
+                control: None,
             })
             .await
             .unwrap();
@@ -347,6 +382,7 @@ mod tests {
                 call_sid: "CA22".into(),
                 instance: 2,
                 snapshot: b.recipient(),
+                control: None,
             })
             .await
             .unwrap();

@@ -42,6 +42,10 @@ pub enum Event {
     SpeechStopped,
     /// The caller is or is not speaking, by transcript (no barge-in: the model handles it).
     CallerSpeaking(bool),
+    /// The assistant must speak with these instructions next (after the response in flight).
+    Speak {
+        instructions: String,
+    },
     /// The Twilio leg's answer to the clear of a barge-in.
     Cleared {
         outcome: ClearOutcome,
@@ -126,6 +130,8 @@ pub struct Turns {
     dtmf_generation: u64,
     /// A response was asked for while another was in flight; ask at its `response.done`.
     response_wanted: bool,
+    /// The instructions of the wanted response (an operator's words), if any.
+    wanted_instructions: Option<String>,
     pub barge_ins: u64,
 }
 
@@ -142,6 +148,7 @@ impl Turns {
             dtmf_pending: false,
             dtmf_generation: 0,
             response_wanted: false,
+            wanted_instructions: None,
             barge_ins: 0,
         }
     }
@@ -178,7 +185,9 @@ impl Turns {
                 // greeting if there is one (one response at a time), else now.
                 if self.response_wanted && !asked {
                     self.response_wanted = false;
-                    out.push(Action::CreateResponse { instructions: None });
+                    out.push(Action::CreateResponse {
+                        instructions: self.wanted_instructions.take(),
+                    });
                 }
             }
             Event::UpstreamLost => {
@@ -190,6 +199,17 @@ impl Turns {
             }
             Event::SpeechStopped => self.caller_speaking = false,
             Event::CallerSpeaking(speaking) => self.caller_speaking = speaking,
+            Event::Speak { instructions } => {
+                if self.upstream_ready && self.in_flight.is_none() && !self.response_asked {
+                    out.push(Action::CreateResponse {
+                        instructions: Some(instructions),
+                    });
+                } else {
+                    // Right after the response in flight (or when the leg is back).
+                    self.response_wanted = true;
+                    self.wanted_instructions = Some(instructions);
+                }
+            }
             Event::SpeechStarted => {
                 self.caller_speaking = true;
                 let in_flight = self.in_flight.clone();
@@ -236,7 +256,9 @@ impl Turns {
                 out.push(Action::MarkTail);
                 if self.response_wanted && self.in_flight.is_none() && self.upstream_ready {
                     self.response_wanted = false;
-                    out.push(Action::CreateResponse { instructions: None });
+                    out.push(Action::CreateResponse {
+                        instructions: self.wanted_instructions.take(),
+                    });
                 }
             }
             Event::Dtmf { digit } => {
@@ -286,6 +308,11 @@ impl Turns {
             && !self.caller_speaking
             && !self.response_wanted
             && !self.dtmf_pending
+    }
+
+    /// A response is in flight, asked for, or owed.
+    pub fn response_pending(&self) -> bool {
+        self.in_flight.is_some() || self.response_asked || self.response_wanted
     }
 
     /// Digits waiting for the AI leg to come back.
@@ -539,5 +566,42 @@ mod tests {
             t.between_turns(),
             "a lost session forgets the speech it heard"
         );
+    }
+
+    #[test]
+    fn words_to_speak_wait_for_the_response_in_flight() {
+        let mut t = ready(false);
+        assert_eq!(
+            run(
+                &mut t,
+                Event::Speak {
+                    instructions: "Say hi.".into()
+                }
+            ),
+            vec![Action::CreateResponse {
+                instructions: Some("Say hi.".into())
+            }]
+        );
+        run(&mut t, created("r1"));
+        assert!(run(
+            &mut t,
+            Event::Speak {
+                instructions: "Say bye.".into()
+            }
+        )
+        .is_empty());
+        assert!(t.response_pending());
+        assert_eq!(
+            run(&mut t, done("r1")),
+            vec![
+                Action::MarkTail,
+                Action::CreateResponse {
+                    instructions: Some("Say bye.".into())
+                }
+            ]
+        );
+        run(&mut t, created("r2"));
+        run(&mut t, done("r2"));
+        assert!(!t.response_pending());
     }
 }
