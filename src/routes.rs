@@ -17,7 +17,9 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use callbridge_actors::config::OpenAiApi;
 use callbridge_actors::messages::{CallControl, ControlRefused};
 use callbridge_actors::protocol::{signature, twilio, twiml};
+use callbridge_actors::engine::PendingOutbound;
 use callbridge_actors::registry::ControlCall;
+use callbridge_actors::twilio_rest::CreateCall;
 use callbridge_actors::{CallCount, EndedCalls, Engine, GetCall, ListCalls, UpstreamKind};
 use secrecy::ExposeSecret;
 use serde_json::json;
@@ -94,7 +96,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(MEDIA_STREAM_PATH, web::get().to(media_stream))
         .route("/health", web::get().to(health))
         .route("/ready", web::get().to(ready))
+        .route("/voice/status", web::post().to(outbound_status))
         .route("/calls", web::get().to(list_calls))
+        .route("/calls", web::post().to(place_call))
         .route("/calls/{call_sid}", web::get().to(get_call))
         .route("/calls/{call_sid}/hangup", web::post().to(hangup))
         .route("/calls/{call_sid}/transfer", web::post().to(transfer))
@@ -151,7 +155,13 @@ async fn voice(
             .content_type("text/xml; charset=utf-8")
             .body(twiml::fallback_only(&fallback.say, &fallback.dial)));
     }
-    log::info!("[{call_sid}] incoming call: answering with <Connect><Stream>");
+    // An outbound call placed by `POST /calls` comes back here when the callee answers.
+    let nonce = query_param(&req, OUTBOUND_NONCE);
+    let outbound = nonce.as_deref().map(|n| state.engine.outbound_answered(n));
+    log::info!(
+        "[{call_sid}] {} call: answering with <Connect><Stream>",
+        if outbound.is_some() { "outbound" } else { "incoming" }
+    );
     let token = state.engine.stream_token(call_sid);
     let mut params = vec![
         ("From", param("From")),
@@ -160,6 +170,26 @@ async fn voice(
     ];
     if let Some(token) = &token {
         params.push((signature::STREAM_TOKEN_PARAM, token));
+    }
+    let is_outbound = outbound.is_some();
+    let pending = match outbound {
+        Some(Some(pending)) => Some(pending),
+        Some(None) => {
+            log::warn!("[{call_sid}] outbound call answered after its greeting and parameters expired");
+            None
+        }
+        None => None,
+    };
+    if is_outbound {
+        params.push((DIRECTION_PARAM, "outbound"));
+    }
+    if let Some(pending) = &pending {
+        if let Some(greeting) = &pending.greeting {
+            params.push((GREETING_PARAM, greeting));
+        }
+        for (name, value) in &pending.params {
+            params.push((name, value));
+        }
     }
     let body = twiml::connect_stream_then(
         &stream_url(&req, &state),
@@ -458,6 +488,154 @@ async fn say(
         CallControl::Say { text: body.text },
     )
     .await
+}
+
+/// The query parameter that ties an outbound call's `/voice` to what `POST /calls` asked for.
+const OUTBOUND_NONCE: &str = "cbOutbound";
+/// `<Parameter>`s callbridge adds for outbound calls (read back at `start`).
+const DIRECTION_PARAM: &str = "callbridgeDirection";
+const GREETING_PARAM: &str = "callbridgeGreeting";
+/// `params` of an outbound call, at most.
+const MAX_PARAMS: usize = 20;
+
+fn query_param(req: &HttpRequest, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(req.query_string().as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn is_e164(number: &str) -> bool {
+    number.len() >= 8
+        && number.len() <= 16
+        && number.starts_with('+')
+        && number[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceBody {
+    to: String,
+    from: String,
+    #[serde(default)]
+    greeting: Option<String>,
+    #[serde(default)]
+    params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `POST /calls {"to", "from", "greeting", "params"}`: places an outbound call whose TwiML URL
+/// is this service's `/voice`, so it flows like an inbound one once answered.
+async fn place_call(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    let body: PlaceBody = json_body(&body)?;
+    let (to, from) = (body.to.trim().to_owned(), body.from.trim().to_owned());
+    if !(is_e164(&to) || to.starts_with("sip:")) || !is_e164(&from) {
+        return Err(ApiError::BadRequest(
+            "`to` must be an E.164 number or a sip: URI, `from` an E.164 number of the account",
+        ));
+    }
+    check_words(body.greeting.as_deref())?;
+    if body.params.len() > MAX_PARAMS {
+        return Err(ApiError::BadRequest("at most 20 params"));
+    }
+    let mut params = Vec::new();
+    for (name, value) in &body.params {
+        let value = match value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => value.to_string(),
+            _ => return Err(ApiError::BadRequest("params values must be strings, numbers or booleans")),
+        };
+        let reserved = ["From", "To", "CallSid"].contains(&name.as_str())
+            || name.starts_with("callbridge");
+        if reserved
+            || !twilio::is_safe_sid(name)
+            || !twiml::parameter_fits(name, &value)
+        {
+            return Err(ApiError::BadRequest(
+                "params names are letters, digits, _ and - (not From, To, CallSid or callbridge…), name and value under 500 characters",
+            ));
+        }
+        params.push((name.clone(), value));
+    }
+    let Some(rest) = state.engine.rest().cloned() else {
+        return Err(ApiError::Unavailable(ControlRefused::NoRest.to_string()));
+    };
+    let nonce = random_hex();
+    let base = public_base(&req, &state);
+    // Kept before the request: Twilio may fetch /voice as soon as the callee answers.
+    state.engine.outbound_placed(
+        nonce.clone(),
+        PendingOutbound {
+            greeting: body.greeting.filter(|g| !g.trim().is_empty()),
+            params,
+            placed: Instant::now(),
+        },
+    );
+    let call = CreateCall {
+        to,
+        from,
+        url: format!("{base}/voice?{OUTBOUND_NONCE}={nonce}"),
+        status_callback: Some(format!("{base}/voice/status?{OUTBOUND_NONCE}={nonce}")),
+        status_callback_events: vec!["completed".into()],
+        timeout_s: None,
+    };
+    match rest.create_call(&call).await {
+        Ok(created) => {
+            log::info!("[{}] outbound call placed ({})", created.sid, created.status);
+            Ok(HttpResponse::Created().json(json!({"call_sid": created.sid})))
+        }
+        Err(e) => {
+            state.engine.outbound_answered(&nonce);
+            log::warn!("outbound call refused by Twilio: {e}");
+            Ok(HttpResponse::BadGateway().json(json!({
+                "error": e.to_string(),
+                "code": e.code(),
+            })))
+        }
+    }
+}
+
+/// Twilio's status callback of an outbound call: a call that ended unanswered (busy, no
+/// answer, failed, canceled) lets go of its greeting and parameters.
+async fn outbound_status(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(&body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/voice/status");
+    check_signature(&req, &state, &http_url(&req, &state, path_and_query), &params)?;
+    let status = params
+        .iter()
+        .find(|(k, _)| k == "CallStatus")
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("");
+    if let Some(nonce) = query_param(&req, OUTBOUND_NONCE) {
+        if state.engine.outbound_answered(&nonce).is_some() {
+            log::info!("outbound call ended unanswered ({status:?}): its greeting and params are dropped");
+        }
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// 128 random bits in hex, from the standard library's per-instance hasher keys.
+fn random_hex() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    (0..2)
+        .map(|_| {
+            let h = std::collections::hash_map::RandomState::new().build_hasher().finish();
+            format!("{h:016x}")
+        })
+        .collect()
 }
 
 /// The warning shown at start-up and in `/health` when calls go to the echo assistant.

@@ -215,6 +215,10 @@ pub struct CallActor {
     closing: Option<Closing>,
     /// Twilio took a hang-up or transfer: its `stop` ends the call with this reason.
     ended_by_us: Option<StopReason>,
+    /// `inbound`, or `outbound` for a call placed with `POST /calls`.
+    direction: &'static str,
+    /// An outbound call's `params` (`<Parameter>`s of its TwiML).
+    params: Vec<(String, String)>,
     leg_state: LegState,
     ready_since: Option<Instant>,
     upstream_errors: u64,
@@ -304,6 +308,8 @@ impl CallActor {
             leg_was_ready: false,
             closing: None,
             ended_by_us: None,
+            direction: "inbound",
+            params: Vec::new(),
             leg_state: LegState::Connecting,
             ready_since: None,
             upstream_errors: 0,
@@ -847,7 +853,8 @@ impl CallActor {
             "stream_sid": self.stream_sid,
             "from": self.from,
             "to": self.to,
-            "direction": "inbound",
+            "direction": self.direction,
+            "params": self.params.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "started_at": self.started_at.format(&Rfc3339).unwrap_or_default(),
             "ended_at": now_rfc3339(),
             "duration_ms": self.started.elapsed().as_millis() as u64,
@@ -1000,6 +1007,8 @@ impl CallActor {
             upstream_restarts: self.restarts.total,
             rollovers: self.rollovers,
             usage: self.usage_report(),
+            direction: self.direction,
+            params: self.params.iter().cloned().collect(),
             upstream_errors: self.upstream_errors,
             malformed_frames: CallCounters::get(&c.malformed_frames),
             marks_pending: CallCounters::get(&c.marks_pending) as usize,
@@ -1097,6 +1106,26 @@ impl Handler<StreamStarted> for CallActor {
         };
         self.from = param("From");
         self.to = param("To");
+        if param("callbridgeDirection") == "outbound" {
+            self.direction = "outbound";
+        }
+        self.params = start
+            .custom_parameters
+            .iter()
+            .filter(|(name, _)| {
+                !["From", "To", "CallSid"].contains(&name.as_str()) && !name.starts_with("callbridge")
+            })
+            .cloned()
+            .collect();
+        let greeting = param("callbridgeGreeting");
+        if !greeting.trim().is_empty() {
+            let mut actions = std::mem::take(&mut self.actions);
+            self.turns.set_greeting(greeting, &mut actions);
+            for action in actions.drain(..) {
+                self.perform(action, ctx);
+            }
+            self.actions = actions;
+        }
         self.call_sid = start.call_sid.clone();
         self.stream_sid = start.stream_sid.clone();
         let earlier =

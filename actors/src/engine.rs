@@ -45,11 +45,27 @@ struct Inner {
     prices: Prices,
     /// Where end-of-call reports go, when `report.url` is set (set once at start-up).
     reporter: std::sync::OnceLock<Recipient<SubmitReport>>,
+    /// Outbound calls placed and not yet answered: their greeting and parameters, by nonce.
+    outbound: Mutex<std::collections::HashMap<String, PendingOutbound>>,
     /// Twilio's REST API, when the account is configured (set once at start-up).
     rest: std::sync::OnceLock<crate::twilio_rest::TwilioRest>,
     /// What ended calls used, since start.
     usage_totals: Mutex<UsageTotals>,
 }
+
+/// An outbound call placed through Twilio, waiting for the callee to answer (Twilio fetches
+/// `/voice` only then).
+#[derive(Debug, Clone)]
+pub struct PendingOutbound {
+    pub greeting: Option<String>,
+    pub params: Vec<(String, String)>,
+    pub placed: Instant,
+}
+
+/// Outbound calls waiting for an answer, at most (older ones are forgotten first).
+pub const MAX_PENDING_OUTBOUND: usize = 1_000;
+/// An outbound call not answered within this long is forgotten (Twilio rings for at most 600 s).
+pub const PENDING_OUTBOUND_TTL: Duration = Duration::from_secs(15 * 60);
 
 /// Usage of the calls ended since start, for `/health`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -106,6 +122,7 @@ impl Engine {
                 prices,
                 reporter: std::sync::OnceLock::new(),
                 rest: std::sync::OnceLock::new(),
+                outbound: Mutex::new(std::collections::HashMap::new()),
                 usage_totals: Mutex::new(UsageTotals::default()),
             }),
         })
@@ -127,6 +144,39 @@ impl Engine {
     /// Sends every call's end-of-call report to `reporter` from now on (set once, at start-up).
     pub fn set_reporter(&self, reporter: Recipient<SubmitReport>) {
         let _ = self.inner.reporter.set(reporter);
+    }
+
+    /// Keeps an outbound call's greeting and parameters until its `/voice` (bounded, expiring).
+    pub fn outbound_placed(&self, nonce: String, pending: PendingOutbound) {
+        let mut map = self.inner.outbound.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, p| p.placed.elapsed() < PENDING_OUTBOUND_TTL);
+        if map.len() >= MAX_PENDING_OUTBOUND {
+            if let Some(oldest) = map
+                .iter()
+                .min_by_key(|(_, p)| p.placed)
+                .map(|(k, _)| k.clone())
+            {
+                map.remove(&oldest);
+                log::warn!("{MAX_PENDING_OUTBOUND} outbound calls waiting for an answer: the oldest is forgotten");
+            }
+        }
+        map.insert(nonce, pending);
+    }
+
+    /// Takes an outbound call's greeting and parameters (its `/voice`, or its end).
+    pub fn outbound_answered(&self, nonce: &str) -> Option<PendingOutbound> {
+        let mut map = self.inner.outbound.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(nonce)
+            .filter(|p| p.placed.elapsed() < PENDING_OUTBOUND_TTL)
+    }
+
+    /// Outbound calls waiting for an answer.
+    pub fn outbound_pending(&self) -> usize {
+        self.inner
+            .outbound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Hang-ups and transfers go through `rest` from now on (set once, at start-up).

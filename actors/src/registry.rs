@@ -73,6 +73,10 @@ pub struct CallSnapshot {
     pub upstream_restarts: u32,
     /// Sessions replaced before OpenAI's 60-minute cap (`openai.max_session_s`).
     pub rollovers: u64,
+    /// `inbound`, or `outbound` (placed with `POST /calls`).
+    pub direction: &'static str,
+    /// An outbound call's `params`.
+    pub params: std::collections::BTreeMap<String, String>,
     /// What the AI sessions used and cost so far (absent with the echo upstream).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<crate::session::usage::CallUsage>,
@@ -352,6 +356,8 @@ mod tests {
                 upstream_restarts: 0,
                 rollovers: 0,
                 usage: None,
+                direction: "inbound",
+                params: Default::default(),
                 upstream_errors: 0,
                 malformed_frames: 0,
                 marks_pending: 0,

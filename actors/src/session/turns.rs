@@ -310,6 +310,16 @@ impl Turns {
             && !self.dtmf_pending
     }
 
+    /// The greeting of this call (an outbound call's own), in place of the configured one. Once
+    /// the greeting was asked for, the words come as the next turn instead.
+    pub fn set_greeting(&mut self, greeting: String, out: &mut Vec<Action>) {
+        if self.greeted {
+            self.decide(Event::Speak { instructions: greeting }, out);
+        } else {
+            self.cfg.greeting = Some(greeting);
+        }
+    }
+
     /// A response is in flight, asked for, or owed.
     pub fn response_pending(&self) -> bool {
         self.in_flight.is_some() || self.response_asked || self.response_wanted

@@ -185,7 +185,8 @@ impl UsageMeter {
     }
 
     pub fn seconds(&self) -> f64 {
-        self.sessions.iter().map(|(_, s)| s).sum()
+        // Folded from +0.0: an empty float sum is -0.0, which would show as `-0.0` in `/calls`.
+        self.sessions.iter().fold(0.0, |total, (_, s)| total + s)
     }
 
     pub fn tokens(&self) -> TokenUsage {
@@ -276,6 +277,13 @@ mod tests {
         // 500k text out at $16/M, 500k audio out at $64/M.
         let want = 0.008 + 25.6 + 0.08 + 8.0 + 32.0;
         assert!((report.cost_usd.unwrap() - want).abs() < 1e-6, "{report:?}");
+    }
+
+    #[test]
+    fn no_session_yet_is_zero_not_minus_zero() {
+        let report = UsageMeter::new(OpenAiApi::Live, "gpt-live-1").report(&Prices::default());
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(!json.contains("-0"), "{json}");
     }
 
     #[test]
