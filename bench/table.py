@@ -1,5 +1,10 @@
 #!/usr/bin/env python3
-"""Turns bench/run.sh's JSON reports into the markdown table for the README."""
+"""Turns bench/run.sh's JSON reports into the markdown table for the README.
+
+usage: table.py OUT LADDER MACHINE STARTUP RSS_START RSS_END COMMAND [API]
+With API (realtime or live), the reports are OUT/API-callbridge-N.json, OUT/API-floor-N.json
+and OUT/API-soak-250.json (+ OUT/API-soak-rss.tsv); without it, the names have no prefix.
+"""
 import datetime
 import json
 import os
@@ -11,10 +16,30 @@ def load(path):
         return json.load(f)
 
 
+API_TITLES = {
+    "realtime": "OpenAI Realtime (`openai.api = \"realtime\"`)",
+    "live": "GPT-Live (`openai.api = \"live\"`)",
+}
+
+FLOOR_NOTES = {
+    "realtime": " Realtime floor: `session.update`, then `input_audio_buffer.append`s echoed as "
+    "`response.output_audio.delta`s.",
+    "live": " GPT-Live floor: `session.start` / `session.started`, `session.input_audio.append`s "
+    "echoed as `session.output_audio.delta`s at real-time pace (never more than 40 ms ahead), "
+    "a transcript fragment a second, a usage update every 10 s, `session.close` / "
+    "`session.closed`.",
+}
+
+
 def main():
     out, ladder, machine, startup, rss_start, rss_end, command = sys.argv[1:8]
+    api = sys.argv[8] if len(sys.argv) > 8 else None
+    prefix = f"{api}-" if api else ""
     today = datetime.date.today().isoformat()
-    lines = [
+    lines = []
+    if api:
+        lines += [f"### {API_TITLES.get(api, api)}", ""]
+    lines += [
         f"Run on {today}; machine: {machine}; command: `{command}`.",
         f"Start-up: {startup}. callbridge RSS at start {int(rss_start) / 1024:.1f} MiB, "
         f"after the ladder {int(rss_end) / 1024:.1f} MiB.",
@@ -25,8 +50,8 @@ def main():
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in ladder.split():
-        cb_path = os.path.join(out, f"callbridge-{n}.json")
-        floor_path = os.path.join(out, f"floor-{n}.json")
+        cb_path = os.path.join(out, f"{prefix}callbridge-{n}.json")
+        floor_path = os.path.join(out, f"{prefix}floor-{n}.json")
         if not os.path.exists(cb_path):
             lines.append(f"| {n} | (no result) |||||||||||")
             continue
@@ -54,8 +79,8 @@ def main():
                 flost=floor["frames_lost"] if floor else "-",
             )
         )
-    soak = os.path.join(out, "soak-250.json")
-    rss = os.path.join(out, "soak-rss.tsv")
+    soak = os.path.join(out, f"{prefix}soak-250.json")
+    rss = os.path.join(out, f"{prefix}soak-rss.tsv")
     if os.path.exists(soak) and os.path.exists(rss):
         s = load(soak)
         samples = [int(line.split()[1]) for line in open(rss) if line.strip()]
@@ -78,6 +103,7 @@ def main():
         "call's first second. Floor = the simulator talking to fake-openai directly; the fake's "
         "CPU is measured in that run, so \"CPU ÷ fake's\" compares callbridge with a bare "
         "tokio-tungstenite echo doing half its messages, on the same machine in the same run."
+        + FLOOR_NOTES.get(api or "", "")
     )
     print("\n".join(lines))
 

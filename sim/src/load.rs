@@ -12,6 +12,10 @@
 //! Twilio's playback model. Against an OpenAI Realtime server directly (`Protocol::OpenAi`,
 //! the benchmark's floor), calls open a session and send `input_audio_buffer.append`s, and
 //! the echoes are `response.output_audio.delta`s: the same frames, without callbridge.
+//! Against a GPT-Live server directly (`Protocol::Live`, the floor for `openai.api = "live"`),
+//! calls do what a bridge does (`gpt-live.md` §1–§4, §12): `session.start`, wait for
+//! `session.started`, `session.input_audio.append`s, echoes as `session.output_audio.delta`s,
+//! then `session.close` and a bounded wait for `session.closed`.
 
 use std::{
     borrow::Cow,
@@ -34,7 +38,7 @@ use callbridge_fakes::{
 use crate::{
     procstat,
     stats::Percentiles,
-    ws::{connect_openai, connect_twilio, voice_webhook, Socket, TwilioAuth},
+    ws::{connect_live, connect_openai, connect_twilio, voice_webhook, Socket, TwilioAuth},
 };
 
 const FRAME: Duration = Duration::from_millis(20);
@@ -45,6 +49,9 @@ const TAG_BYTES: usize = 16;
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Connection set-up (including the OpenAI session) must finish within this.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// After `session.close`, how long a GPT-Live call waits for `session.closed` (the bound
+/// Twilio's provider and the Azure SDK use, `gpt-live.md` §12).
+const LIVE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which protocol the simulated calls speak.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -54,6 +61,36 @@ pub enum Protocol {
     Twilio,
     /// OpenAI Realtime, straight to a (fake) Realtime server: the floor.
     OpenAi,
+    /// GPT-Live, straight to a (fake) GPT-Live server: the floor for `openai.api = "live"`.
+    Live,
+}
+
+impl Protocol {
+    /// The protocol a URL asks for when none is given: a Realtime server's path
+    /// (`/v1/realtime`) or a GPT-Live server's (`/v1/live/sessions`) means straight to that
+    /// server (the floor); anything else is callbridge, as Twilio.
+    pub fn for_url(url: &str) -> Protocol {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let path = rest.find('/').map_or("", |i| &rest[i..]);
+        let path = path.split(['?', '#']).next().unwrap_or_default();
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/v1/realtime") {
+            Protocol::OpenAi
+        } else if path.ends_with("/v1/live/sessions") {
+            Protocol::Live
+        } else {
+            Protocol::Twilio
+        }
+    }
+
+    /// Its name on the command line and in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Twilio => "twilio",
+            Protocol::OpenAi => "openai",
+            Protocol::Live => "live",
+        }
+    }
 }
 
 /// A load run.
@@ -75,7 +112,7 @@ pub struct LoadOptions {
     /// A process (callbridge) whose CPU time and memory to report.
     pub pid: Option<u32>,
     pub auth: TwilioAuth,
-    /// Bearer key for `Protocol::OpenAi`.
+    /// Bearer key for `Protocol::OpenAi` and `Protocol::Live`.
     pub api_key: String,
 }
 
@@ -132,6 +169,12 @@ pub struct LoadReport {
     pub marks_echoed: u64,
     pub clears: u64,
     pub invalid_messages: u64,
+    /// `Protocol::Live`: output transcript fragments received (every session).
+    pub transcript_fragments: u64,
+    /// `Protocol::Live`: `session.usage.updated` events received.
+    pub usage_updates: u64,
+    /// `Protocol::Live`: sessions whose `session.close` was confirmed by `session.closed`.
+    pub sessions_closed: u64,
     /// Round trip of every frame after its call's warm-up.
     pub latency: Percentiles,
     /// From a call's first connection attempt to its first echo.
@@ -166,10 +209,7 @@ impl LoadReport {
             self.calls_failed,
             self.seconds,
             self.ramp_ms,
-            match self.protocol {
-                Protocol::Twilio => "twilio",
-                Protocol::OpenAi => "openai",
-            },
+            self.protocol.name(),
             self.wall_s
         );
         if let Some(e) = &self.first_error {
@@ -180,6 +220,13 @@ impl LoadReport {
             self.frames_sent, self.frames_echoed, self.frames_lost, self.frames_corrupt,
             self.marks_echoed, self.clears, self.invalid_messages
         ));
+        if self.protocol == Protocol::Live {
+            out.push_str(&format!(
+                "live: {} transcript fragments, {} usage updates, {} of {} sessions closed with session.closed\n",
+                self.transcript_fragments, self.usage_updates, self.sessions_closed,
+                self.calls_connected
+            ));
+        }
         let l = &self.latency;
         out.push_str(&format!(
             "round trip: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} frames)\n",
@@ -213,6 +260,9 @@ struct CallResult {
     marks: u64,
     clears: u64,
     invalid: u64,
+    transcripts: u64,
+    usage_updates: u64,
+    closed: bool,
     rtts_us: Vec<u32>,
     setup_us: Option<u32>,
 }
@@ -368,6 +418,7 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
             let outcome = match options.protocol {
                 Protocol::Twilio => twilio_call(&options, &mut tracker).await,
                 Protocol::OpenAi => openai_call(&options, &mut tracker).await,
+                Protocol::Live => live_call(&options, &mut tracker).await,
             };
             if let Err(e) = outcome {
                 tracker.result.error = Some(format!("call {i}: {e:#}"));
@@ -412,6 +463,9 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         marks_echoed: 0,
         clears: 0,
         invalid_messages: 0,
+        transcript_fragments: 0,
+        usage_updates: 0,
+        sessions_closed: 0,
         latency: Percentiles::default(),
         setup: Percentiles::default(),
         wall_s,
@@ -441,6 +495,9 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         report.marks_echoed += r.marks;
         report.clears += r.clears;
         report.invalid_messages += r.invalid;
+        report.transcript_fragments += r.transcripts;
+        report.usage_updates += r.usage_updates;
+        report.sessions_closed += u64::from(r.closed);
         rtts.extend(r.rtts_us);
         setups.extend(r.setup_us);
     }
@@ -614,6 +671,127 @@ async fn openai_call(options: &LoadOptions, t: &mut Tracker) -> anyhow::Result<(
     Ok(())
 }
 
+/// The `session.start` of a Twilio bridge (`gpt-live.md` §2): µ-law at 8 kHz both ways,
+/// client delegation; no instructions (the echo fake has no use for them).
+const LIVE_START: &str = r#"{"type":"session.start","event_id":"sim_start","session":{"model":"gpt-live-1.1","audio":{"format":{"type":"audio/pcmu","rate":8000}},"delegation":null}}"#;
+
+const LIVE_CLOSE: &str = r#"{"type":"session.close","event_id":"sim_close"}"#;
+
+/// What one GPT-Live server event means to a call.
+#[derive(Debug, PartialEq, Eq)]
+enum LiveEvent {
+    /// `session.output_audio.delta`: audio to match (decoded into the buffer).
+    Audio,
+    Transcript,
+    Usage,
+    Closed,
+    /// `error`, a delta that is not base64, or a frame that is not an event.
+    Invalid,
+    /// Anything else (acks, `info`, input transcripts…): ignored, as a bridge ignores unknown
+    /// events (§14).
+    Other,
+}
+
+/// Reads one GPT-Live server event; audio is decoded into `audio`.
+fn live_event(text: &str, audio: &mut Vec<u8>) -> LiveEvent {
+    let Ok(event) = serde_json::from_str::<ServerEvent<'_>>(text) else {
+        return LiveEvent::Invalid;
+    };
+    match (event.kind.as_ref(), event.delta) {
+        ("session.output_audio.delta", Some(delta)) => {
+            audio.clear();
+            match BASE64_STANDARD.decode_vec(delta.as_bytes(), audio) {
+                Ok(()) => LiveEvent::Audio,
+                Err(_) => LiveEvent::Invalid,
+            }
+        }
+        ("session.output_audio.delta", None) | ("error", _) => LiveEvent::Invalid,
+        ("session.output_transcript.delta", _) => LiveEvent::Transcript,
+        ("session.usage.updated", _) => LiveEvent::Usage,
+        ("session.closed", _) => LiveEvent::Closed,
+        _ => LiveEvent::Other,
+    }
+}
+
+/// One session straight to a GPT-Live server, as a bridge runs it: the floor for
+/// `openai.api = "live"`.
+async fn live_call(options: &LoadOptions, t: &mut Tracker) -> anyhow::Result<()> {
+    let mut ws = timeout(SETUP_TIMEOUT, async {
+        let mut ws = connect_live(&options.url, &options.api_key).await?;
+        send(&mut ws, LIVE_START.to_owned()).await?;
+        next_event_of(&mut ws, "session.started").await?;
+        anyhow::Ok(ws)
+    })
+    .await
+    .map_err(|_| anyhow!("session set-up timed out"))??;
+    t.result.connected = true;
+
+    let mut tick = frame_clock();
+    let mut decoded = Vec::with_capacity(FRAME_BYTES);
+    let mut on_text = |t: &mut Tracker, text: &str| -> bool {
+        match live_event(text, &mut decoded) {
+            LiveEvent::Audio => t.on_echo(&decoded),
+            LiveEvent::Transcript => t.result.transcripts += 1,
+            LiveEvent::Usage => t.result.usage_updates += 1,
+            LiveEvent::Closed => return true,
+            LiveEvent::Invalid => t.result.invalid += 1,
+            LiveEvent::Other => {}
+        }
+        false
+    };
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Some(payload) = t.next_frame() {
+                    send(&mut ws, format!(r#"{{"type":"session.input_audio.append","audio":"{payload}"}}"#)).await?;
+                }
+                if t.finished(true) {
+                    break;
+                }
+            }
+            frame = ws.next() => match frame {
+                Some(Ok(Message::Text(text))) => if on_text(t, text.as_str()) {
+                    bail!("the server closed the session before the call ended: {}", text.as_str());
+                },
+                Some(Ok(Message::Close(_))) | None => bail!("the server closed the socket"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("websocket error: {e}"),
+            },
+        }
+    }
+    // §12: session.close, then session.closed (output still queued comes first and is
+    // matched), then the bridge closes the socket.
+    send(&mut ws, LIVE_CLOSE.to_owned()).await?;
+    let closed = timeout(LIVE_CLOSE_TIMEOUT, async {
+        while let Some(frame) = ws.next().await {
+            match frame {
+                Ok(Message::Text(text)) => {
+                    if on_text(t, text.as_str()) {
+                        return Ok(());
+                    }
+                }
+                Ok(Message::Close(_)) => break,
+                Ok(_) => {}
+                Err(e) => bail!("websocket error while closing: {e}"),
+            }
+        }
+        bail!("the server closed the socket before session.closed")
+    })
+    .await;
+    close(ws).await;
+    match closed {
+        Ok(Ok(())) => {
+            t.result.closed = true;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => bail!(
+            "no session.closed within {} s of session.close",
+            LIVE_CLOSE_TIMEOUT.as_secs()
+        ),
+    }
+}
+
 /// Closes as a well-behaved peer does: close frame, then wait (briefly) for the other side's.
 async fn close(mut ws: Socket) {
     let _ = ws.close(None).await;
@@ -639,6 +817,87 @@ mod tests {
             drain: Duration::from_millis(100),
             drain_until: None,
         }
+    }
+
+    #[test]
+    fn protocols_follow_the_url() {
+        for (url, protocol) in [
+            ("ws://127.0.0.1:9090/v1/realtime", Protocol::OpenAi),
+            (
+                "ws://127.0.0.1:9090/v1/realtime?model=gpt-realtime",
+                Protocol::OpenAi,
+            ),
+            ("wss://api.openai.com/v1/live/sessions", Protocol::Live),
+            ("ws://127.0.0.1:9090/v1/live/sessions/", Protocol::Live),
+            ("ws://127.0.0.1:8080/media-stream", Protocol::Twilio),
+            (
+                "ws://127.0.0.1:8080/v1/live/sessions/media-stream",
+                Protocol::Twilio,
+            ),
+            ("ws://127.0.0.1:8080", Protocol::Twilio),
+        ] {
+            assert_eq!(Protocol::for_url(url), protocol, "{url}");
+        }
+        assert_eq!(Protocol::Live.name(), "live");
+        assert_eq!(serde_json::to_value(Protocol::Live).unwrap(), "live");
+    }
+
+    /// GPT-Live server events as a call reads them.
+    #[test]
+    fn live_events_are_read() {
+        let mut audio = Vec::new();
+        let frame = BASE64_STANDARD.encode([0x7Fu8; FRAME_BYTES]);
+        let delta = format!(r#"{{"type":"session.output_audio.delta","delta":"{frame}"}}"#);
+        assert_eq!(live_event(&delta, &mut audio), LiveEvent::Audio);
+        assert_eq!(audio, [0x7Fu8; FRAME_BYTES]);
+        for (text, want) in [
+            (
+                r#"{"type":"session.output_transcript.delta","event_id":"e","delta":" echo","start_ms":0,"end_ms":1000}"#,
+                LiveEvent::Transcript,
+            ),
+            (
+                r#"{"type":"session.usage.updated","event_id":"e","usage":{"seconds":1.5}}"#,
+                LiveEvent::Usage,
+            ),
+            (
+                r#"{"type":"session.closed","event_id":"e","reason":"close_requested","usage":{"seconds":2.0}}"#,
+                LiveEvent::Closed,
+            ),
+            (
+                r#"{"type":"error","event_id":"e","error":{"code":"invalid_value"}}"#,
+                LiveEvent::Invalid,
+            ),
+            (
+                r#"{"type":"session.output_audio.delta","delta":"AB=="}"#,
+                LiveEvent::Invalid,
+            ),
+            (
+                r#"{"type":"session.output_audio.delta"}"#,
+                LiveEvent::Invalid,
+            ),
+            ("not json", LiveEvent::Invalid),
+            (
+                r#"{"type":"info","event_id":"e","code":"x","message":"y"}"#,
+                LiveEvent::Other,
+            ),
+        ] {
+            assert_eq!(live_event(text, &mut audio), want, "{text}");
+        }
+    }
+
+    /// The start a bridge sends (§2): the model in the event, µ-law 8 kHz, client delegation.
+    #[test]
+    fn the_live_start_is_a_bridge_start() {
+        let start: serde_json::Value = serde_json::from_str(LIVE_START).unwrap();
+        assert_eq!(start["type"], "session.start");
+        assert_eq!(start["session"]["model"], "gpt-live-1.1");
+        assert_eq!(
+            start["session"]["audio"]["format"],
+            serde_json::json!({"type": "audio/pcmu", "rate": 8000})
+        );
+        assert!(start["session"]["delegation"].is_null());
+        let close: serde_json::Value = serde_json::from_str(LIVE_CLOSE).unwrap();
+        assert_eq!(close["type"], "session.close");
     }
 
     /// A frame's echo is matched once; duplicates, strangers and partial frames are corrupt.

@@ -3,7 +3,10 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, bail, Context as _};
-use callbridge_fakes::openai::{self as fake_openai, EchoConfig, FakeStats};
+use callbridge_fakes::{
+    live::{self as fake_live, LiveEchoConfig},
+    openai::{self as fake_openai, EchoConfig, FakeStats},
+};
 use callbridge_sim::{
     audio,
     call::{self, CallOptions},
@@ -23,22 +26,33 @@ USAGE:
       8/16/24/48 kHz), records what the caller hears to reply.wav, prints a timeline.
   callbridge-sim tone --out tone.wav [--hz 440] [--ms 3000]
       Writes a test tone as an 8 kHz mu-law WAV.
-  callbridge-sim fake-openai [--port 9090] [--host 127.0.0.1] [--turn-ms 5000]
-        [--barge-in-every-ms 0] [--require-key] [--threads 2]
+  callbridge-sim fake-openai [--api realtime] [--port 9090] [--host 127.0.0.1]
+        [--turn-ms 5000] [--barge-in-every-ms 0] [--require-key] [--threads 2]
       A fake OpenAI Realtime GA server at ws://HOST:PORT/v1/realtime that echoes appended
       audio as response.output_audio.delta; with --barge-in-every-ms, a scripted caller
       turn (speech_started, transcript) interrupts every so often.
+  callbridge-sim fake-openai --api live [--port 9090] [--host 127.0.0.1]
+        [--transcript-every-ms 1000] [--usage-every-ms 10000] [--session-secs 3600]
+        [--no-pace] [--require-key] [--threads 2]
+      A fake GPT-Live server at ws://HOST:PORT/v1/live/sessions, as strict as the tests' one:
+      answers session.start, echoes each session.input_audio.append as a
+      session.output_audio.delta at real-time pace (a burst comes back spread out; --no-pace
+      echoes at once), sends an output transcript fragment and a session.usage.updated
+      every so often, and answers session.close with session.closed and the usage.
   callbridge-sim load --url URL --calls N --seconds S [--ramp-ms 1000] [--pid PID]
-        [--protocol twilio|openai] [--warmup-ms 1000] [--drain-ms 2000] [--settle-ms 2000]
-        [--threads 2] [--json report.json]
-      N concurrent calls, each POSTing the voice webhook first; every frame tagged and matched on its way back. A summary goes to
-      stderr and the JSON report to stdout (or --json). The protocol is openai when the URL
-      path is /v1/realtime (the floor: straight to a Realtime server), else twilio.
+        [--protocol twilio|openai|live] [--warmup-ms 1000] [--drain-ms 2000]
+        [--settle-ms 2000] [--threads 2] [--json report.json]
+      N concurrent calls, each POSTing the voice webhook first; every frame tagged and
+      matched on its way back. A summary goes to stderr and the JSON report to stdout (or
+      --json). Straight to a server, the benchmark's floor: openai when the URL path is
+      /v1/realtime (session.update, input_audio_buffer.append), live when it is
+      /v1/live/sessions (session.start, session.input_audio.append, session.close);
+      otherwise twilio (callbridge, which decides the API itself).
 
 ENVIRONMENT:
   TWILIO_AUTH_TOKEN  sign the upgrade (X-Twilio-Signature), as Twilio does
-  OPENAI_API_KEY     the bearer key for --protocol openai; with fake-openai --require-key,
-                     the only key accepted
+  OPENAI_API_KEY     the bearer key for --protocol openai|live; with fake-openai
+                     --require-key, the only key accepted
 "
 }
 
@@ -48,7 +62,7 @@ struct Args {
     flags: Vec<String>,
 }
 
-const FLAGS: &[&str] = &["require-key", "help"];
+const FLAGS: &[&str] = &["require-key", "no-pace", "help"];
 
 impl Args {
     fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Args> {
@@ -210,28 +224,70 @@ fn cmd_tone(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which fake `fake-openai` serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FakeApi {
+    Realtime,
+    Live,
+}
+
+/// `--require-key`: the key to accept, from `OPENAI_API_KEY`.
+fn required_key(args: &Args) -> anyhow::Result<Option<String>> {
+    if !args.flag("require-key") {
+        return Ok(None);
+    }
+    match std::env::var("OPENAI_API_KEY") {
+        Ok(key) if !key.is_empty() => Ok(Some(key)),
+        _ => bail!("--require-key needs OPENAI_API_KEY set to the key to accept"),
+    }
+}
+
 fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
-    args.only(&[
-        "port",
-        "host",
-        "turn-ms",
-        "barge-in-every-ms",
-        "require-key",
-        "threads",
-    ])?;
+    let api = match args.get("api") {
+        None | Some("realtime") => FakeApi::Realtime,
+        Some("live") => FakeApi::Live,
+        Some(other) => bail!("--api {other}: expected realtime or live"),
+    };
+    let common = ["api", "port", "host", "require-key", "threads"];
+    let own: &[&str] = match api {
+        FakeApi::Realtime => &["turn-ms", "barge-in-every-ms"],
+        FakeApi::Live => &[
+            "transcript-every-ms",
+            "usage-every-ms",
+            "session-secs",
+            "no-pace",
+        ],
+    };
+    args.only(&[&common[..], own].concat())?;
     let host = args.get("host").unwrap_or("127.0.0.1").to_owned();
     let port: u16 = args.number("port", 9090)?;
-    let config = EchoConfig {
-        turn_ms: args.number("turn-ms", 5000)?,
-        barge_in_every_ms: args.number("barge-in-every-ms", 0)?,
-        api_key: if args.flag("require-key") {
-            Some(std::env::var("OPENAI_API_KEY").map_err(|_| {
-                anyhow!("--require-key needs OPENAI_API_KEY set to the key to accept")
-            })?)
-        } else {
-            None
-        },
-        ..EchoConfig::default()
+    let api_key = required_key(args)?;
+    let upstream = match api {
+        FakeApi::Realtime => Upstream::Realtime(EchoConfig {
+            turn_ms: args.number("turn-ms", 5000)?,
+            barge_in_every_ms: args.number("barge-in-every-ms", 0)?,
+            api_key,
+            ..EchoConfig::default()
+        }),
+        FakeApi::Live => {
+            let defaults = LiveEchoConfig::default();
+            let config = LiveEchoConfig {
+                api_key,
+                transcript_every_ms: args
+                    .number("transcript-every-ms", defaults.transcript_every_ms)?,
+                usage_every_ms: args.number("usage-every-ms", defaults.usage_every_ms)?,
+                session_secs: args.number("session-secs", defaults.session_secs)?,
+                pace_output: !args.flag("no-pace"),
+            };
+            if config.session_secs == 0 {
+                bail!("--session-secs must be at least 1");
+            }
+            Upstream::Live(config)
+        }
+    };
+    let (name, path) = match api {
+        FakeApi::Realtime => ("fake-openai", "/v1/realtime"),
+        FakeApi::Live => ("fake-openai (GPT-Live)", fake_live::PATH),
     };
     let threads = args.number("threads", 2)?;
     runtime(threads)?.block_on(async move {
@@ -239,7 +295,7 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {host}:{port}"))?;
         let addr = listener.local_addr()?;
-        println!("fake-openai listening on ws://{addr}/v1/realtime");
+        println!("{name} listening on ws://{addr}{path}");
         let stats = Arc::new(FakeStats::default());
         let report = stats.clone();
         tokio::spawn(async move {
@@ -250,19 +306,29 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
                 let now = (report.sessions_opened.load(Relaxed), report.appends.load(Relaxed));
                 if now != last {
                     eprintln!(
-                        "fake-openai: {} sessions open ({} in all), {} appends echoed, {} errors sent",
+                        "{name}: {} sessions open ({} in all), {} appends echoed, {} errors sent, {} violations",
                         report.sessions_open.load(Relaxed),
                         now.0,
                         now.1,
-                        report.errors_sent.load(Relaxed)
+                        report.errors_sent.load(Relaxed),
+                        report.violations.load(Relaxed)
                     );
                     last = now;
                 }
             }
         });
-        fake_openai::serve(listener, config, stats).await;
+        match upstream {
+            Upstream::Realtime(config) => fake_openai::serve(listener, config, stats).await,
+            Upstream::Live(config) => fake_live::serve_live(listener, config, stats).await,
+        }
         anyhow::Ok(())
     })
+}
+
+/// The fake to serve, configured.
+enum Upstream {
+    Realtime(EchoConfig),
+    Live(LiveEchoConfig),
 }
 
 fn cmd_load(args: &Args) -> anyhow::Result<()> {
@@ -284,9 +350,9 @@ fn cmd_load(args: &Args) -> anyhow::Result<()> {
     let protocol = match args.get("protocol") {
         Some("twilio") => Protocol::Twilio,
         Some("openai") => Protocol::OpenAi,
-        Some(other) => bail!("--protocol {other}: expected twilio or openai"),
-        None if url.contains("/v1/realtime") => Protocol::OpenAi,
-        None => Protocol::Twilio,
+        Some("live") => Protocol::Live,
+        Some(other) => bail!("--protocol {other}: expected twilio, openai or live"),
+        None => Protocol::for_url(url),
     };
     let mut options = LoadOptions::new(url, protocol);
     options.calls = args.number("calls", options.calls)?;

@@ -1,5 +1,5 @@
 //! Opening the simulator's websockets: as Twilio to the service, and as a bridge to an OpenAI
-//! Realtime server. Errors never contain the auth token or the API key.
+//! Realtime or GPT-Live server. Errors never contain the auth token or the API key.
 
 use anyhow::{anyhow, Context as _};
 use tokio::net::TcpStream;
@@ -106,6 +106,22 @@ pub async fn connect_openai(url: &str, api_key: &str) -> anyhow::Result<Socket> 
         .map_err(|_| anyhow!("the API key is not a valid header value"))?;
     request.headers_mut().insert("authorization", bearer);
     open(request, &full).await
+}
+
+/// Connects to a GPT-Live endpoint as a bridge does (`gpt-live.md` §1): the URL as given, with
+/// no query (the model goes in `session.start`), `Authorization: Bearer <api_key>` and no
+/// `OpenAI-Beta` header.
+pub async fn connect_live(url: &str, api_key: &str) -> anyhow::Result<Socket> {
+    if url.contains('?') {
+        anyhow::bail!("a GPT-Live URL takes no query (the model goes in session.start): {url}");
+    }
+    let mut request = url
+        .into_client_request()
+        .with_context(|| format!("bad websocket URL {url}"))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {api_key}"))
+        .map_err(|_| anyhow!("the API key is not a valid header value"))?;
+    request.headers_mut().insert("authorization", bearer);
+    open(request, url).await
 }
 
 async fn open(

@@ -29,10 +29,13 @@
 //!   which also reads what the service sent (`received`, `recv_event`, `appended_audio`,
 //!   `session_start`, `commentary`, …) and can stop reading its socket (`pause_reading`).
 //! - **Echo** ([`serve_live`], [`FakeLive::start_echo`]): every `session.input_audio.append`
-//!   comes back as a `session.output_audio.delta` carrying the same base64, with an output
+//!   comes back as a `session.output_audio.delta` carrying the same base64, at real-time pace
+//!   as GPT-Live's output does (§4.2: input that arrives in real time comes straight back, a
+//!   burst comes back spread out, see [`LiveEchoConfig::pace_output`]), with an output
 //!   transcript fragment every `transcript_every_ms` and a usage update every
-//!   `usage_every_ms`; `session.close` gets `session.closed` with the usage. Nothing is
-//!   recorded and appends build no JSON tree: the benchmark's floor for this backend.
+//!   `usage_every_ms`; `session.close` gets `session.closed` with the usage (after the output
+//!   still queued). Nothing is recorded and appends build no JSON tree: the benchmark's floor
+//!   for this backend.
 //!
 //! Runtime: tokio + tokio-tungstenite, a reader and a writer task per connection, state behind
 //! `Arc<Mutex<_>>`, scripting methods plain (non-async) and emitting under the state lock, so
@@ -40,6 +43,7 @@
 //! `session.closed`, `…fixture.played`, the session's expiry) run on timer tasks that hold the
 //! connection weakly.
 
+mod pace;
 mod scripting;
 mod server;
 mod session;
@@ -48,6 +52,7 @@ mod validate;
 use std::time::Duration;
 
 pub use crate::openai::FakeStats;
+pub use pace::PACE_SLACK;
 pub use scripting::{AudioStream, FakeLiveSession};
 pub use server::{serve_live, FakeLive, Handshake};
 pub use session::{AppendKind, TextAppend};
@@ -81,6 +86,10 @@ pub struct LiveEchoConfig {
     pub usage_every_ms: u64,
     /// Session duration: `expires_at`, then `session.closed` reason `expired`.
     pub session_secs: u64,
+    /// Output audio at real-time pace (default): echoed audio never runs more than
+    /// [`PACE_SLACK`] ahead of real time, and the events after it wait their turn. Off, every
+    /// append is echoed at once (a Realtime-like burst).
+    pub pace_output: bool,
 }
 
 impl Default for LiveEchoConfig {
@@ -90,6 +99,7 @@ impl Default for LiveEchoConfig {
             transcript_every_ms: 1_000,
             usage_every_ms: 10_000,
             session_secs: DEFAULT_SESSION_SECS,
+            pace_output: true,
         }
     }
 }

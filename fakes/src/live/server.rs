@@ -34,6 +34,7 @@ use tokio_tungstenite::{
 
 use super::{
     lock,
+    pace::{Paced, PACE_SLACK},
     scripting::FakeLiveSession,
     session::{Closer, Handled, Out, SessionState, Timer},
     FakeStats, LiveEchoConfig, LiveError, DEFAULT_SESSION_SECS, DEFAULT_TIMEOUT, PATH, POLL,
@@ -755,19 +756,37 @@ fn on_frame(core: &Arc<SessionCore>, frame: Option<Result<Message, tungstenite::
     Flow::Continue
 }
 
-/// Echo mode's connection: one task that reads a frame, then writes what it produced (see
-/// the Realtime fake's `echo_loop` for why no channel and no writer task). Events emitted
-/// outside a frame (a timer's) wake it through the channel.
+/// Echo mode's connection: one task that reads a frame, then writes what is due (see the
+/// Realtime fake's `echo_loop` for why no channel and no writer task). What the session emits
+/// goes through a [`Paced`] queue: echoed audio at real-time pace (when the config asks for
+/// it), every other event in its place behind it. Events emitted outside a frame (a timer's)
+/// wake it through the channel; queued events that come due wake it by their time.
 async fn echo_loop(mut ws: Ws, mut rx: mpsc::UnboundedReceiver<Out>, core: Arc<SessionCore>) {
+    let pace = lock(&core.state).paces_output();
     let mut batch = Vec::new();
+    let mut queue: Paced<Out> = Paced::new(PACE_SLACK);
     let mut closing = false;
     'conn: loop {
         lock(&core.state).take_inline(&mut batch);
-        if !batch.is_empty() && !closing {
+        let now = tokio::time::Instant::now();
+        for out in batch.drain(..) {
+            match out {
+                Out::Wake => {}
+                Out::Drop => break 'conn,
+                Out::Audio(text, duration) if pace => {
+                    queue.push_audio(now, duration, Out::Text(text));
+                }
+                other => {
+                    queue.push(now, other);
+                }
+            }
+        }
+        if !closing {
             let mut fed = 0u64;
-            for out in batch.drain(..) {
+            let mut any = false;
+            while let Some(out) = queue.pop_due(now) {
                 let text = match out {
-                    Out::Text(text) => text,
+                    Out::Text(text) | Out::Audio(text, _) => text,
                     Out::Wake => continue,
                     Out::Close(code, reason) => {
                         let frame = CloseFrame {
@@ -783,16 +802,21 @@ async fn echo_loop(mut ws: Ws, mut rx: mpsc::UnboundedReceiver<Out>, core: Arc<S
                     Out::Drop => break 'conn,
                 };
                 fed += text.len() as u64;
+                any = true;
                 if ws.feed(Message::text(text)).await.is_err() {
                     break 'conn;
                 }
             }
-            if !closing && ws.flush().await.is_err() {
+            if any && !closing && ws.flush().await.is_err() {
                 break;
             }
             core.bytes_written.fetch_add(fed, Ordering::Relaxed);
         }
-        batch.clear();
+        if closing {
+            // Nothing more goes out after our close frame.
+            queue.clear();
+        }
+        let due = queue.next_at();
         tokio::select! {
             biased;
             wake = rx.recv() => if matches!(wake, None | Some(Out::Drop)) {
@@ -801,6 +825,7 @@ async fn echo_loop(mut ws: Ws, mut rx: mpsc::UnboundedReceiver<Out>, core: Arc<S
             frame = ws.next() => if on_frame(&core, frame) == Flow::End {
                 break;
             },
+            () = tokio::time::sleep_until(due.unwrap_or(now)), if due.is_some() => {}
         }
     }
     core.on_socket_end();
@@ -858,7 +883,7 @@ async fn write_loop(
         let mut close = None;
         while let Some(out) = next.take() {
             let text = match out {
-                Out::Text(text) => text,
+                Out::Text(text) | Out::Audio(text, _) => text,
                 Out::Close(code, reason) => {
                     close = Some(CloseFrame {
                         code: CloseCode::from(code),

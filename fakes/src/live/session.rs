@@ -44,6 +44,9 @@ const FRAME_BYTES: usize = 160;
 #[derive(Debug)]
 pub(crate) enum Out {
     Text(String),
+    /// Echo mode's `session.output_audio.delta` and how much audio it carries (paced, see
+    /// `pace`).
+    Audio(String, Duration),
     Close(u16, String),
     /// End the connection without a close frame (the service sees an abnormal closure, 1006).
     Drop,
@@ -310,6 +313,11 @@ impl SessionState {
     /// Scripted mode records everything received; echo mode nothing.
     fn recording(&self) -> bool {
         self.echo.is_none()
+    }
+
+    /// Echo mode with its output at real-time pace.
+    pub(crate) fn paces_output(&self) -> bool {
+        self.echo.as_ref().is_some_and(|e| e.pace_output)
     }
 
     pub(crate) fn violate(&mut self, msg: String) {
@@ -1066,7 +1074,8 @@ impl SessionState {
     /// Echoes one append as an output delta; now and then an output transcript fragment and a
     /// usage update.
     fn echo_append(&mut self, echo: &LiveEchoConfig, audio: &str, bytes: usize, per_ms: usize) {
-        self.send_raw(Out::Text(Self::audio_delta_text(audio)));
+        let duration = Duration::from_micros((bytes * 1_000 / per_ms.max(1)) as u64);
+        self.send_raw(Out::Audio(Self::audio_delta_text(audio), duration));
         self.echo_since_transcript += bytes;
         self.echo_since_usage += bytes;
         let every = echo.transcript_every_ms as usize * per_ms;

@@ -86,7 +86,9 @@ impl Harness {
         }
         raw.into_iter()
             .filter_map(|o| match o {
-                Out::Text(text) => Some(serde_json::from_str(&text).expect("the fake emits JSON")),
+                Out::Text(text) | Out::Audio(text, _) => {
+                    Some(serde_json::from_str(&text).expect("the fake emits JSON"))
+                }
                 _ => None,
             })
             .inspect(|v: &Value| {
@@ -1060,4 +1062,27 @@ fn echo_mode_is_as_strict() {
     // Before session.start, echo mode is as strict too.
     let mut h = harness(Some(LiveEchoConfig::default()));
     assert!(h.records(&append(&frame_b64())).is_empty());
+}
+
+/// Echo mode marks each delta with the audio it carries: the connection paces it (`pace`).
+#[test]
+fn echo_deltas_carry_their_duration() {
+    let mut h = echo(0, 0);
+    assert!(h.st.paces_output());
+    h.feed(&append(&frame_b64()));
+    let mut raw = Vec::new();
+    h.st.take_inline(&mut raw);
+    assert!(
+        matches!(raw.as_slice(), [Out::Audio(_, d)] if *d == Duration::from_millis(20)),
+        "{raw:?}"
+    );
+    let h = Harness::started_with(
+        Some(LiveEchoConfig {
+            pace_output: false,
+            ..LiveEchoConfig::default()
+        }),
+        START,
+    );
+    assert!(!h.st.paces_output());
+    assert!(!Harness::started().st.paces_output(), "scripted mode");
 }
