@@ -15,9 +15,9 @@ use std::time::Instant;
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use callbridge_actors::config::OpenAiApi;
+use callbridge_actors::engine::PendingOutbound;
 use callbridge_actors::messages::{CallControl, ControlRefused};
 use callbridge_actors::protocol::{signature, twilio, twiml};
-use callbridge_actors::engine::PendingOutbound;
 use callbridge_actors::registry::ControlCall;
 use callbridge_actors::twilio_rest::CreateCall;
 use callbridge_actors::{CallCount, EndedCalls, Engine, GetCall, ListCalls, UpstreamKind};
@@ -160,7 +160,11 @@ async fn voice(
     let outbound = nonce.as_deref().map(|n| state.engine.outbound_answered(n));
     log::info!(
         "[{call_sid}] {} call: answering with <Connect><Stream>",
-        if outbound.is_some() { "outbound" } else { "incoming" }
+        if outbound.is_some() {
+            "outbound"
+        } else {
+            "incoming"
+        }
     );
     let token = state.engine.stream_token(call_sid);
     let mut params = vec![
@@ -175,7 +179,9 @@ async fn voice(
     let pending = match outbound {
         Some(Some(pending)) => Some(pending),
         Some(None) => {
-            log::warn!("[{call_sid}] outbound call answered after its greeting and parameters expired");
+            log::warn!(
+                "[{call_sid}] outbound call answered after its greeting and parameters expired"
+            );
             None
         }
         None => None,
@@ -246,6 +252,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         "live_calls": live_calls,
         "media_streams": state.engine.live_calls(),
         "max_calls": state.settings.server.max_calls,
+        "outbound_pending": state.engine.outbound_pending(),
         "calls_ended": calls_ended,
         "uptime_s": state.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
@@ -546,14 +553,15 @@ async fn place_call(
         let value = match value {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(_) | serde_json::Value::Bool(_) => value.to_string(),
-            _ => return Err(ApiError::BadRequest("params values must be strings, numbers or booleans")),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "params values must be strings, numbers or booleans",
+                ))
+            }
         };
-        let reserved = ["From", "To", "CallSid"].contains(&name.as_str())
-            || name.starts_with("callbridge");
-        if reserved
-            || !twilio::is_safe_sid(name)
-            || !twiml::parameter_fits(name, &value)
-        {
+        let reserved =
+            ["From", "To", "CallSid"].contains(&name.as_str()) || name.starts_with("callbridge");
+        if reserved || !twilio::is_safe_sid(name) || !twiml::parameter_fits(name, &value) {
             return Err(ApiError::BadRequest(
                 "params names are letters, digits, _ and - (not From, To, CallSid or callbridge…), name and value under 500 characters",
             ));
@@ -584,7 +592,11 @@ async fn place_call(
     };
     match rest.create_call(&call).await {
         Ok(created) => {
-            log::info!("[{}] outbound call placed ({})", created.sid, created.status);
+            log::info!(
+                "[{}] outbound call placed ({})",
+                created.sid,
+                created.status
+            );
             Ok(HttpResponse::Created().json(json!({"call_sid": created.sid})))
         }
         Err(e) => {
@@ -613,7 +625,12 @@ async fn outbound_status(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/voice/status");
-    check_signature(&req, &state, &http_url(&req, &state, path_and_query), &params)?;
+    check_signature(
+        &req,
+        &state,
+        &http_url(&req, &state, path_and_query),
+        &params,
+    )?;
     let status = params
         .iter()
         .find(|(k, _)| k == "CallStatus")
@@ -621,7 +638,9 @@ async fn outbound_status(
         .unwrap_or("");
     if let Some(nonce) = query_param(&req, OUTBOUND_NONCE) {
         if state.engine.outbound_answered(&nonce).is_some() {
-            log::info!("outbound call ended unanswered ({status:?}): its greeting and params are dropped");
+            log::info!(
+                "outbound call ended unanswered ({status:?}): its greeting and params are dropped"
+            );
         }
     }
     Ok(HttpResponse::NoContent().finish())
@@ -632,7 +651,9 @@ fn random_hex() -> String {
     use std::hash::{BuildHasher, Hasher};
     (0..2)
         .map(|_| {
-            let h = std::collections::hash_map::RandomState::new().build_hasher().finish();
+            let h = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
             format!("{h:016x}")
         })
         .collect()

@@ -280,3 +280,127 @@ async fn without_rest_credentials_hangup_is_unavailable() {
         .contains("TWILIO_ACCOUNT_SID"));
     rig.caller.hang_up().await;
 }
+
+/// `POST /calls`: an outbound call through Twilio whose `Url` is this service's `/voice` (with
+/// a query that the signature covers); when the callee answers, the fake Twilio fetches it,
+/// signed, and the call flows like an inbound one, with its greeting and `params`, shown as
+/// `direction: outbound`. A Twilio error answers 502 with Twilio's code.
+#[actix_web::test]
+async fn outbound_calls_flow_like_inbound_ones() {
+    let account = Account::test();
+    let rest = FakeTwilioRest::start(account.clone()).await;
+    rest.add_number("+14155550142");
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.twilio.api_base = rest.base_url();
+    settings.twilio.validate_signatures = None; // the fake Twilio signs its webhooks
+    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
+    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
+    let app = spawn_app(settings).await;
+
+    let (status, body) = post(
+        &app,
+        "/calls",
+        r#"{"to": "+14155550177", "from": "+14155550142", "greeting": "Remind the caller of the 3 pm appointment.", "params": {"patient": "4411", "tries": 2}}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let sid = body["call_sid"].as_str().expect("call_sid").to_owned();
+    let created = rest.created_calls();
+    assert_eq!(created.len(), 1);
+    let request = rest
+        .requests()
+        .into_iter()
+        .find(|r| r.call_sid.is_none())
+        .unwrap();
+    let url = request.param("Url").unwrap();
+    assert!(url.starts_with(&app.http("/voice?cbOutbound=")), "{url}");
+    assert_eq!(request.param("To"), Some("+14155550177"));
+    let (_, health) = app.get_json("/health").await;
+    assert_eq!(health["outbound_pending"], 1, "{health}");
+
+    let twiml = rest
+        .answer_created_call(&sid)
+        .await
+        .expect("the callee answers");
+    let (stream_url, params) = twiml.stream().expect("<Connect><Stream>");
+    // Twilio signs the upgrade over the stream URL the TwiML gave it.
+    let signature = support::compute_signature(&account.auth_token, stream_url, &[]);
+    let caller =
+        FakeTwilio::connect_with_headers(&app.ws_url(), &[("X-Twilio-Signature", &signature)])
+            .await;
+    let mut session = fake.next_session().await;
+    caller.start_from(&twiml, "MZout", &sid).await;
+    assert!(params.iter().any(|(k, v)| k == "patient" && v == "4411"));
+    let create = session.recv_event("response.create").await;
+    assert!(
+        create
+            .to_string()
+            .contains("Remind the caller of the 3 pm appointment."),
+        "{create}"
+    );
+    let call = app
+        .wait_call(&sid, "active", |c| c["state"] == "active")
+        .await;
+    assert_eq!(call["direction"], "outbound", "{call}");
+    assert_eq!(call["params"]["patient"], "4411");
+    assert_eq!(call["params"]["tries"], "2");
+    assert_eq!(app.get_json("/health").await.1["outbound_pending"], 0);
+    caller.hang_up().await;
+
+    // A From the account does not own: Twilio's error, as a 502 with its code.
+    let (status, body) = post(
+        &app,
+        "/calls",
+        r#"{"to": "+14155550177", "from": "+19995550100"}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["code"], 21210);
+    assert_eq!(app.get_json("/health").await.1["outbound_pending"], 0);
+    rest.assert_no_violations();
+}
+
+/// An outbound call that is never answered lets go of its greeting and params when Twilio's
+/// status callback says so (busy), and the callback's signature is checked.
+#[actix_web::test]
+async fn an_unanswered_outbound_call_is_forgotten() {
+    let account = Account::test();
+    let rest = FakeTwilioRest::start(account.clone()).await;
+    rest.add_number("+14155550142");
+    let mut settings = support::test_settings();
+    settings.twilio.api_base = rest.base_url();
+    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
+    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
+    let app = spawn_app(settings).await;
+    let (status, body) = post(
+        &app,
+        "/calls",
+        r#"{"to": "+14155550177", "from": "+14155550142"}"#,
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let sid = body["call_sid"].as_str().unwrap().to_owned();
+    assert_eq!(app.get_json("/health").await.1["outbound_pending"], 1);
+    let answer = rest
+        .complete_created_call(&sid, callbridge_fakes::twilio_rest::CallStatus::Busy)
+        .await
+        .expect("the status callback")
+        .expect("an answer");
+    assert_eq!(answer.status, 204);
+    assert_eq!(app.get_json("/health").await.1["outbound_pending"], 0);
+    // Bad input never reaches Twilio.
+    for body in [
+        r#"{"to": "12345", "from": "+14155550142"}"#,
+        r#"{"to": "+14155550177", "from": "+14155550142", "params": {"CallSid": "x"}}"#,
+        r#"{"to": "+14155550177"}"#,
+    ] {
+        let (status, _) = post(&app, "/calls", body, None).await;
+        assert_eq!(status, 400, "{body}");
+    }
+    assert_eq!(rest.created_calls().len(), 1);
+    rest.assert_no_violations();
+}

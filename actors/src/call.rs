@@ -1113,7 +1113,8 @@ impl Handler<StreamStarted> for CallActor {
             .custom_parameters
             .iter()
             .filter(|(name, _)| {
-                !["From", "To", "CallSid"].contains(&name.as_str()) && !name.starts_with("callbridge")
+                !["From", "To", "CallSid"].contains(&name.as_str())
+                    && !name.starts_with("callbridge")
             })
             .cloned()
             .collect();

@@ -148,7 +148,11 @@ impl Engine {
 
     /// Keeps an outbound call's greeting and parameters until its `/voice` (bounded, expiring).
     pub fn outbound_placed(&self, nonce: String, pending: PendingOutbound) {
-        let mut map = self.inner.outbound.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .inner
+            .outbound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         map.retain(|_, p| p.placed.elapsed() < PENDING_OUTBOUND_TTL);
         if map.len() >= MAX_PENDING_OUTBOUND {
             if let Some(oldest) = map
@@ -165,7 +169,11 @@ impl Engine {
 
     /// Takes an outbound call's greeting and parameters (its `/voice`, or its end).
     pub fn outbound_answered(&self, nonce: &str) -> Option<PendingOutbound> {
-        let mut map = self.inner.outbound.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .inner
+            .outbound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         map.remove(nonce)
             .filter(|p| p.placed.elapsed() < PENDING_OUTBOUND_TTL)
     }

@@ -314,7 +314,12 @@ impl Turns {
     /// the greeting was asked for, the words come as the next turn instead.
     pub fn set_greeting(&mut self, greeting: String, out: &mut Vec<Action>) {
         if self.greeted {
-            self.decide(Event::Speak { instructions: greeting }, out);
+            self.decide(
+                Event::Speak {
+                    instructions: greeting,
+                },
+                out,
+            );
         } else {
             self.cfg.greeting = Some(greeting);
         }
