@@ -622,6 +622,8 @@ impl CallActor {
                 self.engine.upstream().as_str()
             );
         } else {
+            // What the lost session still had queued at Twilio is not the new one's.
+            self.twilio.clear.do_send(ClearAudio { interrupted: None });
             log::info!(
                 "{} AI leg restarted (restart {}), session configured, audio flowing again",
                 self.label,
