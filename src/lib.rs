@@ -115,9 +115,13 @@ impl Application {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let upstream = settings.resolve_upstream()?;
         let registry = CallRegistry::default().start();
+        // The model's tools travel with the OpenAI settings (the session declares them).
+        let mut openai = settings.openai.clone();
+        openai.tools = settings.tools.clone();
+        openai.builtin_tools = settings.call.builtin_tools.clone();
         let engine = Engine::new(
             registry,
-            settings.openai.clone(),
+            openai,
             settings.call.clone(),
             upstream,
             settings.secrets.openai_api_key.clone(),
@@ -137,6 +141,9 @@ impl Application {
         });
         if let Some(reporter) = &reporter {
             engine.set_reporter(reporter.clone().recipient());
+        }
+        if let Some(secret) = &settings.secrets.tools_secret {
+            engine.set_tools_secret(secret.clone());
         }
         if let (Some(account_sid), Some(auth)) = (
             settings.secrets.twilio_account_sid.clone(),

@@ -30,6 +30,8 @@ pub struct Settings {
     pub prices: callbridge_actors::session::usage::Prices,
     /// Where each call's end-of-call report goes.
     pub report: callbridge_actors::report::ReportConfig,
+    /// Tools the model can call (`[[tools]]`).
+    pub tools: Vec<callbridge_actors::tools::ToolConfig>,
     /// From the environment only, never from a file.
     #[serde(skip)]
     pub secrets: Secrets,
@@ -249,6 +251,7 @@ impl Settings {
             .check()
             .map_err(|problem| ConfigError::new("prices", problem))?;
         self.report.validate()?;
+        callbridge_actors::tools::validate(&self.tools, &self.call.builtin_tools)?;
         let api = self.twilio.api_base.trim();
         if !(api.starts_with("https://") || api.starts_with("http://")) {
             return Err(ConfigError::new(

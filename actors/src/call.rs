@@ -219,6 +219,10 @@ pub struct CallActor {
     direction: &'static str,
     /// An outbound call's `params` (`<Parameter>`s of its TwiML).
     params: Vec<(String, String)>,
+    /// Tool call ids seen (a call is never run twice), the latest kept.
+    tool_calls_seen: Vec<String>,
+    /// Tool calls waiting for their HTTP answer.
+    tool_calls_running: Vec<String>,
     leg_state: LegState,
     ready_since: Option<Instant>,
     upstream_errors: u64,
@@ -310,6 +314,8 @@ impl CallActor {
             ended_by_us: None,
             direction: "inbound",
             params: Vec::new(),
+            tool_calls_seen: Vec::new(),
+            tool_calls_running: Vec::new(),
             leg_state: LegState::Connecting,
             ready_since: None,
             upstream_errors: 0,
@@ -976,6 +982,181 @@ impl CallActor {
         .spawn(ctx);
     }
 
+    /// The model called a tool: run it (once per call id) and give the model its output.
+    fn on_tool_call(
+        &mut self,
+        call_id: String,
+        name: String,
+        arguments: String,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.ending || self.tool_calls_seen.contains(&call_id) {
+            return; // a call is never run twice
+        }
+        if self.tool_calls_seen.len() >= 256 {
+            self.tool_calls_seen.remove(0);
+        }
+        self.tool_calls_seen.push(call_id.clone());
+        let args: Result<serde_json::Value, _> =
+            serde_json::from_str(if arguments.trim().is_empty() {
+                "{}"
+            } else {
+                &arguments
+            });
+        log::info!("{} tool call {name} ({call_id})", self.label);
+        let openai = self.engine.openai_config();
+        let builtin = openai.builtin_tools.contains(&name);
+        let tool = openai.tools.iter().find(|t| t.name == name).cloned();
+        let args = match args {
+            Ok(args) if args.is_object() => args,
+            _ => {
+                return self.tool_done(
+                    &call_id,
+                    &name,
+                    crate::tools::ToolOutcome {
+                        output: crate::tools::error_output("the arguments are not a JSON object"),
+                        outcome: "bad_arguments".into(),
+                        ms: 0,
+                    },
+                    true,
+                    ctx,
+                );
+            }
+        };
+        if builtin {
+            return self.builtin_tool(&call_id, &name, &args, ctx);
+        }
+        let Some(tool) = tool else {
+            return self.tool_done(
+                &call_id,
+                &name,
+                crate::tools::ToolOutcome {
+                    output: crate::tools::error_output(&format!("there is no tool named {name:?}")),
+                    outcome: "unknown_tool".into(),
+                    ms: 0,
+                },
+                true,
+                ctx,
+            );
+        };
+        let call_sid = self.call_sid.clone();
+        let secret = self.engine.tools_secret();
+        let max = self.engine.call_config().tool_output_max_bytes;
+        let filler_after = self.engine.call_config().tool_filler_after_ms;
+        if filler_after > 0 {
+            let pending = call_id.clone();
+            ctx.run_later(Duration::from_millis(filler_after), move |act, ctx| {
+                if act.tool_calls_running.contains(&pending) {
+                    act.apply(
+                        Event::Speak {
+                            instructions: "Tell the caller in a few words that you are still checking.".into(),
+                        },
+                        ctx,
+                    );
+                }
+            });
+        }
+        self.tool_calls_running.push(call_id.clone());
+        let id = call_id.clone();
+        async move {
+            crate::tools::call_http(&tool, &call_sid, &id, args, secret.as_ref(), max).await
+        }
+        .into_actor(self)
+        .map(move |outcome, act, ctx| {
+            act.tool_calls_running.retain(|running| running != &call_id);
+            act.tool_done(&call_id, &name, outcome, true, ctx)
+        })
+        .spawn(ctx);
+    }
+
+    /// `end_call` and `transfer_call`: the audio already sent plays to its last mark, then the
+    /// call goes through Twilio (as the operator API's hang-up and transfer do).
+    fn builtin_tool(
+        &mut self,
+        call_id: &str,
+        name: &str,
+        args: &serde_json::Value,
+        ctx: &mut Context<Self>,
+    ) {
+        use crate::tools::{error_output, ToolOutcome, END_CALL};
+        let command = if name == END_CALL {
+            CallControl::Hangup { goodbye: None }
+        } else {
+            let to = args["to"].as_str().unwrap_or("").trim().to_owned();
+            if !self.engine.call_config().transfer_allowed(&to) {
+                return self.tool_done(
+                    call_id,
+                    name,
+                    ToolOutcome {
+                        output: error_output("that transfer target is not allowed"),
+                        outcome: "refused".into(),
+                        ms: 0,
+                    },
+                    true,
+                    ctx,
+                );
+            }
+            CallControl::Transfer { to, announce: None }
+        };
+        match self.call_control(command, ctx) {
+            Ok(()) => self.tool_done(
+                call_id,
+                name,
+                ToolOutcome {
+                    output: serde_json::json!({"ok": true}).to_string(),
+                    outcome: "ok".into(),
+                    ms: 0,
+                },
+                false, // the model is not asked to speak again
+                ctx,
+            ),
+            Err(refused) => self.tool_done(
+                call_id,
+                name,
+                ToolOutcome {
+                    output: error_output(&refused.to_string()),
+                    outcome: "refused".into(),
+                    ms: 0,
+                },
+                true,
+                ctx,
+            ),
+        }
+    }
+
+    /// A tool call's outcome: into the transcript, to the model, and (`respond`) the model is
+    /// asked to go on.
+    fn tool_done(
+        &mut self,
+        call_id: &str,
+        name: &str,
+        outcome: crate::tools::ToolOutcome,
+        respond: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        if self.ending {
+            return;
+        }
+        log::info!(
+            "{} tool {name} ({call_id}): {} in {} ms",
+            self.label,
+            outcome.outcome,
+            outcome.ms
+        );
+        self.record(
+            Role::Tool,
+            format!("{name}: {} ({} ms)", outcome.outcome, outcome.ms),
+            None,
+        );
+        self.control(UpstreamCommand::ToolOutput {
+            call_id: call_id.to_owned(),
+            output: outcome.output,
+        });
+        if respond {
+            self.apply(Event::Respond, ctx);
+        }
+    }
+
     fn standby_is(&self, leg_no: u32) -> bool {
         self.standby.as_ref().is_some_and(|(n, _)| *n == leg_no)
     }
@@ -1219,6 +1400,11 @@ impl Handler<UpstreamEvent> for CallActor {
                 self.apply(Event::CallerSpeaking(speaking), ctx)
             }
             UpstreamEvent::Usage(report) => self.on_usage(report, ctx),
+            UpstreamEvent::ToolCall {
+                call_id,
+                name,
+                arguments,
+            } => self.on_tool_call(call_id, name, arguments, ctx),
             UpstreamEvent::Expires { leg, in_s } => {
                 log::debug!("{} AI session of leg {leg} expires in {in_s} s", self.label);
                 self.expires = Some((leg, Duration::from_secs(in_s)));
@@ -1275,6 +1461,18 @@ impl Handler<CallControl> for CallActor {
     type Result = Result<(), ControlRefused>;
 
     fn handle(&mut self, msg: CallControl, ctx: &mut Context<Self>) -> Self::Result {
+        self.call_control(msg, ctx)
+    }
+}
+
+impl CallActor {
+    /// A hang-up, transfer or words to say (from the operator API, or the model's built-in
+    /// tools).
+    fn call_control(
+        &mut self,
+        msg: CallControl,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), ControlRefused> {
         if self.ending {
             return Err(ControlRefused::Ending);
         }

@@ -84,6 +84,12 @@ pub struct OpenAiConfig {
     pub live_turn_gap_ms: u64,
     /// After `session.close`, how long to wait for `session.closed` before closing the socket, ms.
     pub live_close_timeout_ms: u64,
+    /// The `[[tools]]` of the settings (filled in by the shell).
+    #[serde(skip)]
+    pub tools: Vec<crate::tools::ToolConfig>,
+    /// `call.builtin_tools` (filled in by the shell).
+    #[serde(skip)]
+    pub builtin_tools: Vec<String>,
 }
 
 /// The OpenAI speech-to-speech API the AI legs speak.
@@ -136,6 +142,8 @@ impl Default for OpenAiConfig {
             live_model: "gpt-live-1.1".into(),
             live_turn_gap_ms: 800,
             live_close_timeout_ms: 10_000,
+            tools: Vec::new(),
+            builtin_tools: Vec::new(),
         }
     }
 }
@@ -312,6 +320,12 @@ pub struct CallConfig {
     pub transfer_allow: Vec<String>,
     /// The caller ID a transfer dials with; empty: the number the caller dialled.
     pub transfer_caller_id: String,
+    /// Built-in tools the model may call: `end_call`, `transfer_call`.
+    pub builtin_tools: Vec<String>,
+    /// A tool's answer goes to the model up to this many bytes; more is an error output.
+    pub tool_output_max_bytes: usize,
+    /// A tool that has not answered after this long gets one short spoken filler, ms (0: none).
+    pub tool_filler_after_ms: u64,
 }
 
 impl Default for CallConfig {
@@ -336,6 +350,9 @@ impl Default for CallConfig {
             goodbye_timeout_ms: 8_000,
             transfer_allow: Vec::new(),
             transfer_caller_id: String::new(),
+            builtin_tools: Vec::new(),
+            tool_output_max_bytes: 16_384,
+            tool_filler_after_ms: 0,
         }
     }
 }

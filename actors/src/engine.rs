@@ -49,6 +49,8 @@ struct Inner {
     outbound: Mutex<std::collections::HashMap<String, PendingOutbound>>,
     /// Twilio's REST API, when the account is configured (set once at start-up).
     rest: std::sync::OnceLock<crate::twilio_rest::TwilioRest>,
+    /// Signs tool calls (`CALLBRIDGE_TOOLS_SECRET`; set once at start-up).
+    tools_secret: std::sync::OnceLock<SecretString>,
     /// What ended calls used, since start.
     usage_totals: Mutex<UsageTotals>,
 }
@@ -122,6 +124,7 @@ impl Engine {
                 prices,
                 reporter: std::sync::OnceLock::new(),
                 rest: std::sync::OnceLock::new(),
+                tools_secret: std::sync::OnceLock::new(),
                 outbound: Mutex::new(std::collections::HashMap::new()),
                 usage_totals: Mutex::new(UsageTotals::default()),
             }),
@@ -190,6 +193,15 @@ impl Engine {
     /// Hang-ups and transfers go through `rest` from now on (set once, at start-up).
     pub fn set_rest(&self, rest: crate::twilio_rest::TwilioRest) {
         let _ = self.inner.rest.set(rest);
+    }
+
+    /// Tool calls are signed with `secret` from now on (set once, at start-up).
+    pub fn set_tools_secret(&self, secret: SecretString) {
+        let _ = self.inner.tools_secret.set(secret);
+    }
+
+    pub(crate) fn tools_secret(&self) -> Option<SecretString> {
+        self.inner.tools_secret.get().cloned()
     }
 
     pub fn rest(&self) -> Option<&crate::twilio_rest::TwilioRest> {

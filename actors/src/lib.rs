@@ -61,6 +61,7 @@ pub mod protocol;
 pub mod registry;
 pub mod report;
 pub mod session;
+pub mod tools;
 pub mod twilio_rest;
 pub mod twilio_stream;
 

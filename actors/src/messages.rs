@@ -53,6 +53,8 @@ pub enum Role {
     Assistant,
     /// A keypad digit.
     Dtmf,
+    /// A tool call and its outcome.
+    Tool,
 }
 
 impl Role {
@@ -61,6 +63,7 @@ impl Role {
             Role::Caller => "caller",
             Role::Assistant => "assistant",
             Role::Dtmf => "dtmf",
+            Role::Tool => "tool",
         }
     }
 }
@@ -245,6 +248,7 @@ impl ContextLine {
     /// The line as the new session should read it.
     pub fn as_text(&self) -> String {
         match self.role {
+            Role::Tool => format!("(A tool was used: {})", self.text),
             Role::Dtmf => format!(
                 "The caller pressed the key {} on the phone keypad.",
                 self.text
@@ -260,6 +264,8 @@ impl ContextLine {
 pub enum UpstreamCommand {
     /// The caller pressed a keypad key (`0-9 * # A-D`).
     Digit(String),
+    /// The output of the tool call `call_id` (the model is then asked to go on, or not).
+    ToolOutput { call_id: String, output: String },
     /// Ask the model to respond, optionally with instructions for this response.
     CreateResponse { instructions: Option<String> },
     /// Cancel the response in flight.
@@ -298,6 +304,13 @@ pub enum UpstreamEvent {
     Error {
         code: String,
         message: String,
+    },
+    /// The model called a tool (a completed response's `function_call` item).
+    ToolCall {
+        call_id: String,
+        name: String,
+        /// As the model wrote them (JSON text, perhaps not valid).
+        arguments: String,
     },
     /// What the session used: Realtime reports each response's tokens, GPT-Live its cumulative
     /// seconds (`last`: the final figure of `session.closed`, or the last known one).

@@ -515,6 +515,12 @@ impl Handler<UpstreamCommand> for OpenAiLiveActor {
             } => self.send(proto::commentary_append(&greeting)),
             // The model answers on its own; what it is owed is the digits pressed.
             UpstreamCommand::CreateResponse { instructions: None } => self.send_digits(),
+            UpstreamCommand::ToolOutput { .. } => {
+                log::warn!(
+                    "{} GPT-Live: tool outputs are not supported yet",
+                    self.label
+                )
+            }
             UpstreamCommand::Cancel { .. } | UpstreamCommand::Truncate { .. } => {
                 log::debug!("{} GPT-Live: {msg:?} has no equivalent", self.label)
             }

@@ -216,16 +216,28 @@ impl OpenAiRealtimeActor {
                 response_id,
                 status,
                 usage,
+                calls,
             } => {
                 if let Some(tokens) = usage {
                     self.call
                         .events
                         .do_send(UpstreamEvent::Usage(UsageReport::Tokens(tokens)));
                 }
+                // Only a completed response's calls run (a cancelled one's were cut short).
+                let completed = status == "completed";
                 self.call.events.do_send(UpstreamEvent::ResponseDone {
                     response_id,
                     status,
-                })
+                });
+                if completed {
+                    for call in calls {
+                        self.call.events.do_send(UpstreamEvent::ToolCall {
+                            call_id: call.call_id,
+                            name: call.name,
+                            arguments: call.arguments,
+                        });
+                    }
+                }
             }
             ServerEvent::AssistantTranscript {
                 transcript,
@@ -332,7 +344,9 @@ impl Actor for OpenAiRealtimeActor {
                     for line in std::mem::take(&mut act.history) {
                         let item = match line.role {
                             Role::Assistant => proto::assistant_text_item(&line.as_text()),
-                            Role::Caller | Role::Dtmf => proto::user_text_item(&line.as_text()),
+                            Role::Caller | Role::Dtmf | Role::Tool => {
+                                proto::user_text_item(&line.as_text())
+                            }
                         };
                         act.send(item);
                     }
@@ -444,6 +458,9 @@ impl Handler<UpstreamCommand> for OpenAiRealtimeActor {
 
     fn handle(&mut self, msg: UpstreamCommand, _: &mut Context<Self>) {
         let event = match &msg {
+            UpstreamCommand::ToolOutput { call_id, output } => {
+                proto::function_call_output_item(call_id, output)
+            }
             UpstreamCommand::Digit(digit) => proto::user_text_item(&format!(
                 "The caller pressed the key {digit} on the phone keypad."
             )),

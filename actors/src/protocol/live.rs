@@ -62,7 +62,7 @@ pub fn history_input(history: &[ContextLine]) -> Vec<Value> {
         kept.push(match line.role {
             Role::Assistant => json!({"type": "message", "role": "assistant",
                 "content": [{"type": "output_text", "text": text}]}),
-            Role::Caller | Role::Dtmf => json!({"type": "message", "role": "user",
+            Role::Caller | Role::Dtmf | Role::Tool => json!({"type": "message", "role": "user",
                 "content": [{"type": "input_text", "text": text}]}),
         });
     }

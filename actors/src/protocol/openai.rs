@@ -48,7 +48,7 @@ pub fn session_update(cfg: &OpenAiConfig) -> String {
             "interrupt_response": true,
         }),
     );
-    json!({
+    let mut update = json!({
         "type": "session.update",
         "event_id": SESSION_UPDATE_EVENT_ID,
         "session": {
@@ -60,8 +60,13 @@ pub fn session_update(cfg: &OpenAiConfig) -> String {
                 "output": {"format": {"type": "audio/pcmu"}, "voice": cfg.voice},
             },
         },
-    })
-    .to_string()
+    });
+    let tools = crate::tools::realtime_definitions(&cfg.tools, &cfg.builtin_tools);
+    if !tools.is_empty() {
+        update["session"]["tools"] = Value::Array(tools);
+        update["session"]["tool_choice"] = json!("auto");
+    }
+    update.to_string()
 }
 
 /// `input_audio_buffer.append` for one chunk of caller audio. `audio_b64` must be checked base64
@@ -111,6 +116,15 @@ pub fn user_text_item(text: &str) -> String {
     .to_string()
 }
 
+/// The output of a tool call, for the model (`conversation.item.create`).
+pub fn function_call_output_item(call_id: &str, output: &str) -> String {
+    json!({
+        "type": "conversation.item.create",
+        "item": {"type": "function_call_output", "call_id": call_id, "output": output},
+    })
+    .to_string()
+}
+
 /// An assistant message made of text (what the assistant said, replayed after a restart).
 pub fn assistant_text_item(text: &str) -> String {
     json!({
@@ -119,6 +133,14 @@ pub fn assistant_text_item(text: &str) -> String {
                  "content": [{"type": "output_text", "text": text}]},
     })
     .to_string()
+}
+
+/// A `function_call` item of a response: the model calls a tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FunctionCall {
+    pub call_id: String,
+    pub name: String,
+    pub arguments: String,
 }
 
 /// The server events the bridge acts on.
@@ -146,6 +168,8 @@ pub enum ServerEvent<'a> {
         status: String,
         /// The response's tokens (`response.usage`), when the server says.
         usage: Option<TokenUsage>,
+        /// The tool calls of the response (`function_call` items of `response.output`).
+        calls: Vec<FunctionCall>,
     },
     /// A chunk of assistant audio (base64 μ-law), passed through undecoded.
     AudioDelta {
@@ -209,6 +233,20 @@ struct RawResponse {
     status: Option<String>,
     #[serde(default)]
     usage: Option<RawUsage>,
+    #[serde(default)]
+    output: Vec<RawOutputItem>,
+}
+
+#[derive(Deserialize)]
+struct RawOutputItem {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 /// `response.usage` (protocols.md B: `{type:"tokens",input_tokens,output_tokens,…}`).
@@ -309,6 +347,18 @@ pub fn parse_server_event(text: &str) -> Result<ServerEvent<'_>, OpenAiParseErro
                 response_id: response.id.ok_or(missing("response.done", "response.id"))?,
                 status: response.status.unwrap_or_default(),
                 usage: response.usage.map(RawUsage::tokens),
+                calls: response
+                    .output
+                    .into_iter()
+                    .filter(|item| item.kind == "function_call")
+                    .filter_map(|item| {
+                        Some(FunctionCall {
+                            call_id: item.call_id?,
+                            name: item.name?,
+                            arguments: item.arguments.unwrap_or_default(),
+                        })
+                    })
+                    .collect(),
             }
         }
         "response.output_audio_transcript.done" => ServerEvent::AssistantTranscript {
@@ -461,7 +511,7 @@ mod tests {
         );
         assert_eq!(
             parse_server_event(r#"{"type":"response.done","response":{"id":"resp_1","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#).unwrap(),
-            ServerEvent::ResponseDone { response_id: "resp_1".into(), status: "cancelled".into(), usage: None }
+            ServerEvent::ResponseDone { response_id: "resp_1".into(), status: "cancelled".into(), usage: None, calls: vec![] }
         );
         assert_eq!(
             parse_server_event(r#"{"type":"response.done","response":{"id":"r2","status":"completed","usage":{"total_tokens":700,"input_tokens":400,"output_tokens":300,"input_token_details":{"text_tokens":100,"audio_tokens":300,"cached_tokens":64,"cached_tokens_details":{"text_tokens":64,"audio_tokens":0}},"output_token_details":{"text_tokens":50,"audio_tokens":250}}}}"#).unwrap(),
@@ -469,6 +519,16 @@ mod tests {
                 response_id: "r2".into(),
                 status: "completed".into(),
                 usage: Some(TokenUsage { input_text: 100, input_audio: 300, cached_text: 64, cached_audio: 0, output_text: 50, output_audio: 250 }),
+                calls: vec![],
+            }
+        );
+        assert_eq!(
+            parse_server_event(r#"{"type":"response.done","response":{"id":"r3","status":"completed","output":[{"type":"function_call","id":"item_1","call_id":"call_sHlR7iaFwQ2YQOqm","name":"lookup_order","arguments":"{\"order_id\":\"A123\"}","status":"completed"}]}}"#).unwrap(),
+            ServerEvent::ResponseDone {
+                response_id: "r3".into(),
+                status: "completed".into(),
+                usage: None,
+                calls: vec![FunctionCall { call_id: "call_sHlR7iaFwQ2YQOqm".into(), name: "lookup_order".into(), arguments: "{\"order_id\":\"A123\"}".into() }],
             }
         );
         assert_eq!(

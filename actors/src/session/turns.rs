@@ -46,6 +46,8 @@ pub enum Event {
     Speak {
         instructions: String,
     },
+    /// A response is owed (a tool's output is in): now, or after the response in flight.
+    Respond,
     /// The Twilio leg's answer to the clear of a barge-in.
     Cleared {
         outcome: ClearOutcome,
@@ -199,6 +201,13 @@ impl Turns {
             }
             Event::SpeechStopped => self.caller_speaking = false,
             Event::CallerSpeaking(speaking) => self.caller_speaking = speaking,
+            Event::Respond => {
+                if self.upstream_ready && self.in_flight.is_none() && !self.response_asked {
+                    out.push(Action::CreateResponse { instructions: None });
+                } else {
+                    self.response_wanted = true;
+                }
+            }
             Event::Speak { instructions } => {
                 if self.upstream_ready && self.in_flight.is_none() && !self.response_asked {
                     out.push(Action::CreateResponse {
