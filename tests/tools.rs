@@ -264,3 +264,46 @@ async fn builtin_end_call_and_transfer_call() {
         rest.assert_no_violations();
     }
 }
+
+/// A slow tool (longer than `call.tool_filler_after_ms`) gets one short spoken filler while it
+/// runs; its answer still reaches the model afterwards.
+#[actix_web::test]
+async fn a_slow_tool_gets_one_filler() {
+    let tool_server = FakeReceiver::start(None).await;
+    tool_server.answer_next(Answer {
+        status: 200,
+        body: r#"{"ok":true}"#.into(),
+        delay: Duration::from_millis(1_000),
+    });
+    let fake = FakeOpenAi::start().await;
+    let mut settings = openai_settings(&fake);
+    settings.tools = vec![lookup(tool_server.url("/t"), 3_000)];
+    settings.call.tool_filler_after_ms = 200;
+    let app = spawn_app(settings).await;
+    let (caller, mut session) = start(&app, &fake).await;
+    model_calls(
+        &session,
+        "r1",
+        "slow",
+        "lookup_order",
+        r#"{"order_id":"9"}"#,
+    );
+    let filler = session.recv_event("response.create").await;
+    assert!(filler.to_string().contains("still checking"), "{filler}");
+    assert!(
+        session
+            .events_of_type("conversation.item.create")
+            .iter()
+            .all(|e| e["item"]["type"] != "function_call_output"),
+        "the filler came after the answer"
+    );
+    let output = output_for(&mut session, "slow").await;
+    assert_eq!(output["output"], r#"{"ok":true}"#);
+    let fillers = session
+        .response_creates()
+        .iter()
+        .filter(|c| c.to_string().contains("still checking"))
+        .count();
+    assert_eq!(fillers, 1);
+    caller.hang_up().await;
+}
