@@ -415,3 +415,28 @@ async fn a_live_session_is_rolled_over_before_it_expires() {
     caller.hang_up().await;
     fake.assert_no_violations();
 }
+
+/// GPT-Live bills per second of session: a media stream that never sends `start` gets a
+/// connection but never a session (`session.start` is sent only at Twilio's `start`), and the
+/// connection is closed with the stream at `call.start_timeout_ms`.
+#[actix_web::test]
+async fn no_live_session_starts_before_twilio_does() {
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.call.start_timeout_ms = 500;
+    let app = spawn_app(settings).await;
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    caller.send_connected().await;
+    let session = fake.next_session().await;
+    assert!(
+        caller.wait_closed().await,
+        "the stream without start is closed"
+    );
+    assert!(session.wait_closed().await, "its GPT-Live connection too");
+    assert!(
+        session.session_start().is_none(),
+        "a session was started (and billed)"
+    );
+    assert_eq!(app.ended("no_start").await, 1);
+    fake.assert_no_violations();
+}

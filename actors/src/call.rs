@@ -110,6 +110,10 @@ pub struct LegRequest {
     pub counters: Arc<CallCounters>,
     /// The conversation so far, for a session that continues the call (empty for the first).
     pub history: Vec<ContextLine>,
+    /// Twilio's `start` (with a valid stream token) has arrived. Until it has, a leg may
+    /// connect but must not start a billed session (GPT-Live bills per second of session); it
+    /// learns of the start from [`CallIdentified`].
+    pub stream_started: bool,
 }
 
 /// Starts AI legs. The engine's opens OpenAI or echo legs; a test's starts stand-ins.
@@ -471,6 +475,7 @@ impl CallActor {
             label: self.label.clone(),
             counters: self.counters.clone(),
             history,
+            stream_started: !self.call_sid.is_empty(),
         })
     }
 

@@ -67,6 +67,10 @@ pub struct OpenAiLiveActor {
     done: bool,
     /// `session.close` sent: waiting for `session.closed`.
     closing: bool,
+    /// Twilio's `start` arrived: the session may start (it is billed from then on).
+    stream_started: bool,
+    /// `session.start` was sent.
+    start_sent: bool,
     fragments: Option<BytesMut>,
     history: Vec<ContextLine>,
     turns: fragments::Turns,
@@ -93,6 +97,7 @@ impl OpenAiLiveActor {
             label,
             counters,
             history,
+            stream_started,
         } = req;
         let max_audio = (call_config.openai_queue_ms / 20).max(1) as usize;
         let session: Arc<str> = Arc::from(format!("live-{leg}"));
@@ -110,6 +115,8 @@ impl OpenAiLiveActor {
             started: false,
             done: false,
             closing: false,
+            stream_started,
+            start_sent: false,
             fragments: None,
             history,
             turns: fragments::Turns::new(Duration::from_millis(config.live_turn_gap_ms)),
@@ -215,6 +222,27 @@ impl OpenAiLiveActor {
         let before = self.turns.speaking();
         let closed = self.turns.flush();
         self.on_turn_change(before, closed);
+    }
+
+    /// Sends `session.start` once connected and once Twilio's stream has started; the session
+    /// must then start within `openai.connect_timeout_ms`.
+    fn start_session(&mut self, ctx: &mut Context<Self>) {
+        if !self.connected || !self.stream_started || self.start_sent || self.done {
+            return;
+        }
+        self.start_sent = true;
+        let history = std::mem::take(&mut self.history);
+        let start = proto::session_start(&self.config, &history);
+        self.send(start);
+        ctx.run_later(
+            Duration::from_millis(self.config.connect_timeout_ms),
+            |act, ctx| {
+                if !act.started && !act.done {
+                    let ms = act.config.connect_timeout_ms;
+                    act.fail(ctx, LegFailure::NotConfigured { ms });
+                }
+            },
+        );
     }
 
     fn send_digits(&mut self) {
@@ -396,9 +424,7 @@ impl Actor for OpenAiLiveActor {
                     act.call
                         .events
                         .do_send(UpstreamEvent::Connected { leg: act.leg });
-                    let history = std::mem::take(&mut act.history);
-                    let start = proto::session_start(&act.config, &history);
-                    act.send(start);
+                    act.start_session(ctx);
                 }
                 Err(awc::error::WsClientError::InvalidResponseStatus(status)) => act.fail(
                     ctx,
@@ -410,7 +436,7 @@ impl Actor for OpenAiLiveActor {
             })
             .spawn(ctx);
         ctx.run_later(timeout, |act, ctx| {
-            if !act.started && !act.done {
+            if !act.connected && !act.done {
                 let ms = act.config.connect_timeout_ms;
                 act.fail(ctx, LegFailure::NotConfigured { ms });
             }
@@ -531,8 +557,11 @@ impl Handler<UpstreamCommand> for OpenAiLiveActor {
 impl Handler<CallIdentified> for OpenAiLiveActor {
     type Result = ();
 
-    fn handle(&mut self, msg: CallIdentified, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: CallIdentified, ctx: &mut Context<Self>) {
         self.label = msg.label;
+        // The call is identified at Twilio's `start`, after its stream token was checked.
+        self.stream_started = true;
+        self.start_session(ctx);
     }
 }
 

@@ -93,6 +93,8 @@ impl OpenAiRealtimeActor {
             label,
             counters,
             history,
+            // Realtime bills tokens, not session time: its session starts at once.
+            stream_started: _,
         } = req;
         // One append carries 20 ms of audio.
         let max_audio = (call_config.openai_queue_ms / 20).max(1) as usize;
