@@ -440,3 +440,46 @@ async fn the_live_fake_echoes_at_real_time_pace() {
         "unpaced: {unpaced:?}"
     );
 }
+
+/// The simulator's fake OpenAI can script tool calls: a call played through the service makes
+/// the model call a `[[tools]]` tool, whose server gets the signed request; the fake gets the
+/// output and goes on (no violation).
+#[actix_rt::test]
+async fn the_simulator_scripts_a_tool_round_trip() {
+    use callbridge_fakes::receiver::{Answer, FakeReceiver};
+    let tool_server = FakeReceiver::start(None).await;
+    tool_server.answer_always(Answer::ok(r#"{"status":"shipped"}"#));
+    let (url, stats) = start_fake_openai(EchoConfig {
+        tool_call_every_ms: 500,
+        tool_call: Some(("lookup_order".into(), r#"{"order_id":"A1"}"#.into())),
+        ..EchoConfig::default()
+    })
+    .await;
+    let mut settings = test_settings();
+    settings.upstream = UpstreamMode::OpenAi;
+    settings.twilio.validate_signatures = Some(false);
+    settings.openai.url = url;
+    settings.secrets.openai_api_key = Some(SecretString::from(TEST_OPENAI_KEY));
+    settings.tools = vec![callbridge_actors::tools::ToolConfig {
+        name: "lookup_order".into(),
+        description: "Look up an order.".into(),
+        parameters: serde_json::json!({"type": "object", "properties": {"order_id": {"type": "string"}}}),
+        url: tool_server.url("/lookup"),
+        timeout_ms: 2_000,
+    }];
+    let app = spawn_app(settings).await;
+    let tone = audio::tone_mulaw(440.0, 2_000, 8_000);
+    let mut options = CallOptions::new(app.ws_url(), tone);
+    options.tail_ms = 300;
+    let report = call::run(options).await.expect("the call connects");
+    assert_eq!(report.invalid_messages, 0, "{}", report.render());
+    let got = tool_server.received();
+    assert!(!got.is_empty(), "no tool request");
+    assert_eq!(got[0].body["tool"], "lookup_order");
+    assert_eq!(got[0].body["arguments"]["order_id"], "A1");
+    assert_eq!(
+        stats.violations.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the fake saw a protocol violation"
+    );
+}

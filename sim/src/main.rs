@@ -27,10 +27,13 @@ USAGE:
   callbridge-sim tone --out tone.wav [--hz 440] [--ms 3000]
       Writes a test tone as an 8 kHz mu-law WAV.
   callbridge-sim fake-openai [--api realtime] [--port 9090] [--host 127.0.0.1]
-        [--turn-ms 5000] [--barge-in-every-ms 0] [--require-key] [--threads 2]
+        [--turn-ms 5000] [--barge-in-every-ms 0] [--tool-call-every-ms 0 --tool-call NAME:JSON]
+        [--require-key] [--threads 2]
       A fake OpenAI Realtime GA server at ws://HOST:PORT/v1/realtime that echoes appended
       audio as response.output_audio.delta; with --barge-in-every-ms, a scripted caller
-      turn (speech_started, transcript) interrupts every so often.
+      turn (speech_started, transcript) interrupts every so often; with --tool-call-every-ms,
+      the model calls the tool NAME with the JSON arguments every so often (a tool round trip
+      through callbridge's [[tools]]), and waits for its output.
   callbridge-sim fake-openai --api live [--port 9090] [--host 127.0.0.1]
         [--transcript-every-ms 1000] [--usage-every-ms 10000] [--session-secs 3600]
         [--no-pace] [--require-key] [--threads 2]
@@ -250,7 +253,12 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
     };
     let common = ["api", "port", "host", "require-key", "threads"];
     let own: &[&str] = match api {
-        FakeApi::Realtime => &["turn-ms", "barge-in-every-ms"],
+        FakeApi::Realtime => &[
+            "turn-ms",
+            "barge-in-every-ms",
+            "tool-call-every-ms",
+            "tool-call",
+        ],
         FakeApi::Live => &[
             "transcript-every-ms",
             "usage-every-ms",
@@ -267,6 +275,17 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
             turn_ms: args.number("turn-ms", 5000)?,
             barge_in_every_ms: args.number("barge-in-every-ms", 0)?,
             api_key,
+            tool_call_every_ms: args.number("tool-call-every-ms", 0)?,
+            tool_call: match args.get("tool-call") {
+                None => None,
+                Some(spec) => {
+                    let (name, arguments) = spec.split_once(':').unwrap_or((spec, "{}"));
+                    serde_json::from_str::<serde_json::Value>(arguments).map_err(|_| {
+                        anyhow!("--tool-call {spec}: expected NAME or NAME:JSON-ARGUMENTS")
+                    })?;
+                    Some((name.to_owned(), arguments.to_owned()))
+                }
+            },
             ..EchoConfig::default()
         }),
         FakeApi::Live => {

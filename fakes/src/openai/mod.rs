@@ -71,6 +71,11 @@ pub struct EchoConfig {
     /// this many appends (default 25: half a second of 20 ms frames); a session that never
     /// gets that far is not faulted, and nothing is counted for it.
     pub fault_after_appends: u64,
+    /// Every this many ms of caller audio, the model calls `tool_call` (name, arguments JSON)
+    /// in a completed response, then echoes nothing until the service sends a `response.create`
+    /// (after the tool's output). 0 (the default): never.
+    pub tool_call_every_ms: u64,
+    pub tool_call: Option<(String, String)>,
 }
 
 impl Default for EchoConfig {
@@ -82,6 +87,8 @@ impl Default for EchoConfig {
             fault_every: 0,
             faults: Fault::ALL.to_vec(),
             fault_after_appends: 25,
+            tool_call_every_ms: 0,
+            tool_call: None,
         }
     }
 }

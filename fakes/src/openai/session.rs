@@ -153,6 +153,12 @@ pub(crate) struct SessionState {
     /// Echo mode: all caller audio (the VAD clock) and since the last scripted turn, bytes.
     input_total_bytes: usize,
     since_turn_bytes: usize,
+    /// Caller audio since the last scripted tool call (echo mode).
+    since_tool_bytes: usize,
+    /// A scripted tool call waits for the service's `response.create` (echo mode).
+    awaiting_tool_output: bool,
+    /// Scripted tool calls so far.
+    tool_calls: u64,
     turns: u64,
     /// Reused by every append: decoding needs no allocation per frame.
     scratch: Vec<u8>,
@@ -265,6 +271,9 @@ impl SessionState {
             service_close_code: None,
             input_total_bytes: 0,
             since_turn_bytes: 0,
+            since_tool_bytes: 0,
+            awaiting_tool_output: false,
+            tool_calls: 0,
             turns: 0,
             scratch: Vec::new(),
             fault: None,
@@ -908,6 +917,7 @@ impl SessionState {
             self.check_configured("response.create");
         }
         if self.echo.is_some() {
+            self.awaiting_tool_output = false;
             let (response_id, item_id) = (self.next_response_id(), self.next_item_id());
             self.open_response(&response_id, &item_id);
         }
@@ -996,6 +1006,17 @@ impl SessionState {
             self.scripted_turn();
             return;
         }
+        if let (Some((name, arguments)), true) = (&echo.tool_call, echo.tool_call_every_ms > 0) {
+            if self.awaiting_tool_output {
+                return; // the model waits for the tool's output
+            }
+            self.since_tool_bytes += bytes;
+            if self.since_tool_bytes >= echo.tool_call_every_ms as usize * per_ms {
+                self.since_tool_bytes = 0;
+                self.echo_tool_call(name, arguments);
+                return;
+            }
+        }
         if self.active.is_none() {
             let (response_id, item_id) = (self.next_response_id(), self.next_item_id());
             self.open_response(&response_id, &item_id);
@@ -1018,6 +1039,26 @@ impl SessionState {
         if turn > 0 && self.active.as_ref().is_some_and(|a| a.audio_bytes >= turn) {
             self.end_echo_response("completed", None);
         }
+    }
+
+    /// The model calls a tool: the echo response in progress ends, then a completed response
+    /// whose only output is the `function_call` item.
+    fn echo_tool_call(&mut self, name: &str, arguments: &str) {
+        if self.active.is_some() {
+            self.end_echo_response("completed", None);
+        }
+        self.tool_calls += 1;
+        let response_id = self.next_response_id();
+        let item_id = self.next_item_id();
+        let call_id = format!("call_echo_{}", self.tool_calls);
+        self.register_item(&item_id, false);
+        let item = json!({"id": item_id, "type": "function_call", "object": "realtime.item",
+            "status": "completed", "name": name, "call_id": call_id, "arguments": arguments});
+        let created = self.response_object(&response_id, "in_progress", Value::Null, json!([]));
+        self.emit(json!({"type": "response.created", "response": created}));
+        let done = self.response_object(&response_id, "completed", Value::Null, json!([item]));
+        self.emit(json!({"type": "response.done", "response": done}));
+        self.awaiting_tool_output = true;
     }
 
     /// Ends the active echo response: the item-level `.done` events, then `response.done`.
