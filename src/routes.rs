@@ -105,26 +105,32 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/calls/{call_sid}/say", web::post().to(say));
 }
 
-/// Answers Twilio's voice webhook with TwiML that connects the call to our media stream.
-async fn voice(
-    req: HttpRequest,
-    body: web::Bytes,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let params: Vec<(String, String)> = url::form_urlencoded::parse(&body)
+/// The form parameters of a webhook Twilio signed: the signature covers the full URL Twilio
+/// requested (query included) and the parameters.
+fn signed_form(
+    req: &HttpRequest,
+    state: &AppState,
+    body: &[u8],
+) -> Result<Vec<(String, String)>, ApiError> {
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(body)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     let path_and_query = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str())
-        .unwrap_or("/voice");
-    check_signature(
-        &req,
-        &state,
-        &http_url(&req, &state, path_and_query),
-        &params,
-    )?;
+        .unwrap_or(req.path());
+    check_signature(req, state, &http_url(req, state, path_and_query), &params)?;
+    Ok(params)
+}
+
+/// Answers Twilio's voice webhook with TwiML that connects the call to our media stream.
+async fn voice(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let params = signed_form(&req, &state, &body)?;
 
     let param = |name: &str| {
         params
@@ -439,10 +445,7 @@ async fn transfer(
     let body: TransferBody = json_body(&body)?;
     check_words(body.announce.as_deref())?;
     let to = body.to.trim().to_owned();
-    let number = to.len() >= 8
-        && to.len() <= 16
-        && to.starts_with('+')
-        && to[1..].bytes().all(|b| b.is_ascii_digit());
+    let number = is_e164(&to);
     let sip = to.starts_with("sip:")
         && to.len() < 255
         && to[4..]
@@ -617,20 +620,7 @@ async fn outbound_status(
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let params: Vec<(String, String)> = url::form_urlencoded::parse(&body)
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/voice/status");
-    check_signature(
-        &req,
-        &state,
-        &http_url(&req, &state, path_and_query),
-        &params,
-    )?;
+    let params = signed_form(&req, &state, &body)?;
     let status = params
         .iter()
         .find(|(k, _)| k == "CallStatus")

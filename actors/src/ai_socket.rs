@@ -264,6 +264,88 @@ pub fn redact(text: &str, key: &str) -> String {
         .join(" ")
 }
 
+/// What a frame from the AI's socket means for its leg.
+pub(crate) enum Incoming {
+    /// A whole text event (fragments reassembled).
+    Text(bytes::Bytes),
+    /// Answer with a pong (awc does not answer pings by itself).
+    Ping(bytes::Bytes),
+    /// Nothing to do (a fragment, a pong, a binary frame: logged).
+    Nothing,
+    /// The socket is done for.
+    Failed(LegFailure),
+}
+
+/// Reads one frame, reassembling fragmented text events in `fragments` (at most `max_bytes`).
+pub(crate) fn read_frame(
+    frame: Result<awc::ws::Frame, WsProtocolError>,
+    fragments: &mut Option<bytes::BytesMut>,
+    max_bytes: usize,
+    label: &str,
+) -> Incoming {
+    use actix_http::ws::Item;
+    use awc::ws::Frame;
+    match frame {
+        Ok(Frame::Text(bytes)) => Incoming::Text(bytes),
+        Ok(Frame::Continuation(item)) => match item {
+            Item::FirstText(b) => {
+                *fragments = Some(bytes::BytesMut::from(&b[..]));
+                Incoming::Nothing
+            }
+            Item::FirstBinary(_) => {
+                *fragments = None;
+                Incoming::Nothing
+            }
+            Item::Continue(b) => {
+                if let Some(buf) = fragments.as_mut() {
+                    if buf.len() + b.len() > max_bytes {
+                        log::warn!("{label} fragmented event over the size limit");
+                        *fragments = None;
+                    } else {
+                        buf.extend_from_slice(&b);
+                    }
+                }
+                Incoming::Nothing
+            }
+            Item::Last(b) => match fragments.take() {
+                Some(mut buf) => {
+                    buf.extend_from_slice(&b);
+                    Incoming::Text(buf.freeze())
+                }
+                None => Incoming::Nothing,
+            },
+        },
+        Ok(Frame::Binary(b)) => {
+            log::warn!(
+                "{label} unexpected binary frame from OpenAI ({} bytes)",
+                b.len()
+            );
+            Incoming::Nothing
+        }
+        Ok(Frame::Ping(p)) => Incoming::Ping(p),
+        Ok(Frame::Pong(_)) => Incoming::Nothing,
+        Ok(Frame::Close(reason)) => Incoming::Failed(match reason {
+            Some(r) => LegFailure::Closed {
+                code: Some(u16::from(r.code)),
+                reason: format!("{:?} {}", r.code, r.description.unwrap_or_default()),
+            },
+            None => LegFailure::Closed {
+                code: None,
+                reason: "no close code".into(),
+            },
+        }),
+        Err(e) => Incoming::Failed(LegFailure::Protocol(e.to_string())),
+    }
+}
+
+/// The failure of a socket whose stream ended without a close frame.
+pub(crate) fn socket_ended() -> LegFailure {
+    LegFailure::Closed {
+        code: None,
+        reason: "socket ended".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

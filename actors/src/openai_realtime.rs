@@ -23,14 +23,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use actix_http::ws::Item;
 use awc::error::WsProtocolError;
 use awc::ws::{self, Frame};
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::StreamExt;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::ai_socket::{client_for, redact, scrub, write_loop, Outbox};
+use crate::ai_socket::{
+    client_for, read_frame, redact, scrub, socket_ended, write_loop, Incoming, Outbox,
+};
 pub use crate::ai_socket::{mailbox_capacity, LegPort};
 use crate::call::LegRequest;
 use crate::config::{CallConfig, OpenAiConfig};
@@ -374,65 +375,17 @@ impl Actor for OpenAiRealtimeActor {
 
 impl StreamHandler<Result<Frame, WsProtocolError>> for OpenAiRealtimeActor {
     fn handle(&mut self, frame: Result<Frame, WsProtocolError>, ctx: &mut Context<Self>) {
-        match frame {
-            Ok(Frame::Text(bytes)) => self.on_text(&bytes, ctx),
-            Ok(Frame::Continuation(item)) => match item {
-                Item::FirstText(b) => self.fragments = Some(BytesMut::from(&b[..])),
-                Item::FirstBinary(_) => self.fragments = None,
-                Item::Continue(b) => {
-                    if let Some(buf) = self.fragments.as_mut() {
-                        if buf.len() + b.len() > self.config.max_frame_bytes {
-                            log::warn!("{} fragmented event over the size limit", self.label);
-                            self.fragments = None;
-                        } else {
-                            buf.extend_from_slice(&b);
-                        }
-                    }
-                }
-                Item::Last(b) => {
-                    if let Some(mut buf) = self.fragments.take() {
-                        buf.extend_from_slice(&b);
-                        self.on_text(&buf.freeze(), ctx);
-                    }
-                }
-            },
-            Ok(Frame::Binary(b)) => {
-                log::warn!(
-                    "{} unexpected binary frame from OpenAI ({} bytes)",
-                    self.label,
-                    b.len()
-                )
-            }
-            Ok(Frame::Ping(p)) => {
-                // awc does not answer pings by itself.
-                self.outbox.borrow_mut().push(ws::Message::Pong(p), false);
-            }
-            Ok(Frame::Pong(_)) => {}
-            Ok(Frame::Close(reason)) => {
-                let failure = match reason {
-                    Some(r) => LegFailure::Closed {
-                        code: Some(u16::from(r.code)),
-                        reason: format!("{:?} {}", r.code, r.description.unwrap_or_default()),
-                    },
-                    None => LegFailure::Closed {
-                        code: None,
-                        reason: "no close code".into(),
-                    },
-                };
-                self.fail(ctx, failure);
-            }
-            Err(e) => self.fail(ctx, LegFailure::Protocol(e.to_string())),
+        let max = self.config.max_frame_bytes;
+        match read_frame(frame, &mut self.fragments, max, &self.label) {
+            Incoming::Text(bytes) => self.on_text(&bytes, ctx),
+            Incoming::Ping(p) => self.outbox.borrow_mut().push(ws::Message::Pong(p), false),
+            Incoming::Nothing => {}
+            Incoming::Failed(failure) => self.fail(ctx, failure),
         }
     }
 
     fn finished(&mut self, ctx: &mut Context<Self>) {
-        self.fail(
-            ctx,
-            LegFailure::Closed {
-                code: None,
-                reason: "socket ended".into(),
-            },
-        );
+        self.fail(ctx, socket_ended());
     }
 }
 
