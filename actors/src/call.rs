@@ -904,6 +904,12 @@ impl CallActor {
         };
         match report {
             UsageReport::Tokens(tokens) => meter.add_tokens(&tokens),
+            UsageReport::Delegated {
+                model,
+                input_tokens,
+                cached_tokens,
+                output_tokens,
+            } => meter.add_delegated(&model, input_tokens, cached_tokens, output_tokens),
             UsageReport::Seconds { leg, seconds, last } => {
                 meter.session_seconds(leg, seconds);
                 if last && self.awaiting_usage_of == Some(leg) {
@@ -1156,8 +1162,11 @@ impl CallActor {
         self.control(UpstreamCommand::ToolOutput {
             call_id: call_id.to_owned(),
             output: outcome.output,
+            respond,
         });
-        if respond {
+        // Realtime: the call's turns ask for the response (after the one in flight). GPT-Live:
+        // the leg asked its delegated backend to go on; the live model speaks on its own.
+        if respond && self.engine.openai_config().api != OpenAiApi::Live {
             self.apply(Event::Respond, ctx);
         }
     }

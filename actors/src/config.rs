@@ -84,6 +84,11 @@ pub struct OpenAiConfig {
     pub live_turn_gap_ms: u64,
     /// After `session.close`, how long to wait for `session.closed` before closing the socket, ms.
     pub live_close_timeout_ms: u64,
+    /// The Responses model GPT-Live delegates tool use to (`delegation.responses.model`), when
+    /// tools are declared (`[[tools]]` or `call.builtin_tools`).
+    pub live_delegation_model: String,
+    /// That model's instructions (empty: none).
+    pub live_delegation_instructions: String,
     /// The `[[tools]]` of the settings (filled in by the shell).
     #[serde(skip)]
     pub tools: Vec<crate::tools::ToolConfig>,
@@ -142,6 +147,8 @@ impl Default for OpenAiConfig {
             live_model: "gpt-live-1.1".into(),
             live_turn_gap_ms: 800,
             live_close_timeout_ms: 10_000,
+            live_delegation_model: "gpt-5.5".into(),
+            live_delegation_instructions: String::new(),
             tools: Vec::new(),
             builtin_tools: Vec::new(),
         }
@@ -222,6 +229,12 @@ impl OpenAiConfig {
         }
         if self.live_model.trim().is_empty() {
             return Err(ConfigError::new("openai.live_model", "must not be empty"));
+        }
+        if self.live_delegation_model.trim().is_empty() {
+            return Err(ConfigError::new(
+                "openai.live_delegation_model",
+                "must not be empty",
+            ));
         }
         if !(100..=10_000).contains(&self.live_turn_gap_ms) {
             return Err(ConfigError::new(

@@ -265,7 +265,13 @@ pub enum UpstreamCommand {
     /// The caller pressed a keypad key (`0-9 * # A-D`).
     Digit(String),
     /// The output of the tool call `call_id` (the model is then asked to go on, or not).
-    ToolOutput { call_id: String, output: String },
+    ToolOutput {
+        call_id: String,
+        output: String,
+        /// The model is asked to go on (not after `end_call`). Realtime leaves that to the
+        /// call's turns; GPT-Live's delegated backend is asked at once (`response.create`).
+        respond: bool,
+    },
     /// Ask the model to respond, optionally with instructions for this response.
     CreateResponse { instructions: Option<String> },
     /// Cancel the response in flight.
@@ -334,6 +340,13 @@ pub enum UsageReport {
     Tokens(crate::session::usage::TokenUsage),
     /// A GPT-Live session's cumulative seconds (replaces that session's previous value).
     Seconds { leg: u32, seconds: f64, last: bool },
+    /// A GPT-Live delegated backend response's tokens (added up; not in the session's price).
+    Delegated {
+        model: String,
+        input_tokens: u64,
+        cached_tokens: u64,
+        output_tokens: u64,
+    },
 }
 
 /// The operator API → a live call (through the registry).

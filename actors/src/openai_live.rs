@@ -366,6 +366,56 @@ impl OpenAiLiveActor {
                         .do_send(UpstreamEvent::Error { code, message });
                 }
             }
+            LiveEvent::Delegation { id, target } => {
+                if target == "client" {
+                    // No backend answers client delegations here: say so, or the model would
+                    // hold the conversation waiting (§9.1).
+                    log::info!("{} GPT-Live delegated {id} to us: declined", self.label);
+                    self.send(proto::decline_delegation(&id));
+                } else {
+                    log::debug!("{} GPT-Live delegation {id} to {target}", self.label);
+                }
+            }
+            LiveEvent::FunctionCall {
+                call_id,
+                name,
+                arguments,
+                status,
+            } => {
+                if status == "completed" {
+                    self.call.events.do_send(UpstreamEvent::ToolCall {
+                        call_id,
+                        name,
+                        arguments,
+                    });
+                } else {
+                    // Cut short: not to be run, and an output for it would be refused.
+                    log::info!(
+                        "{} GPT-Live function call {name} ({call_id}) {status}: not run",
+                        self.label
+                    );
+                }
+            }
+            LiveEvent::DelegationDone {
+                status,
+                input_tokens,
+                cached_tokens,
+                output_tokens,
+            } => {
+                log::debug!(
+                    "{} GPT-Live delegated response {status}: {input_tokens} input tokens \
+                     ({cached_tokens} cached), {output_tokens} output",
+                    self.label
+                );
+                self.call
+                    .events
+                    .do_send(UpstreamEvent::Usage(UsageReport::Delegated {
+                        model: self.config.live_delegation_model.clone(),
+                        input_tokens,
+                        cached_tokens,
+                        output_tokens,
+                    }));
+            }
             LiveEvent::Other { kind } => log::trace!("{} GPT-Live event {kind}", self.label),
         }
     }
@@ -499,11 +549,17 @@ impl Handler<UpstreamCommand> for OpenAiLiveActor {
             } => self.send(proto::commentary_append(&greeting)),
             // The model answers on its own; what it is owed is the digits pressed.
             UpstreamCommand::CreateResponse { instructions: None } => self.send_digits(),
-            UpstreamCommand::ToolOutput { .. } => {
-                log::warn!(
-                    "{} GPT-Live: tool outputs are not supported yet",
-                    self.label
-                )
+            // The delegated backend gets the output and, unless the call is ending, goes on at
+            // once (as Twilio's provider does); the live model keeps talking meanwhile.
+            UpstreamCommand::ToolOutput {
+                call_id,
+                output,
+                respond,
+            } => {
+                self.send(proto::function_call_output(&call_id, &output));
+                if respond {
+                    self.send(proto::response_create());
+                }
             }
             UpstreamCommand::Cancel { .. } | UpstreamCommand::Truncate { .. } => {
                 log::debug!("{} GPT-Live: {msg:?} has no equivalent", self.label)

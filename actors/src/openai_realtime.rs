@@ -413,9 +413,9 @@ impl Handler<UpstreamCommand> for OpenAiRealtimeActor {
 
     fn handle(&mut self, msg: UpstreamCommand, _: &mut Context<Self>) {
         let event = match &msg {
-            UpstreamCommand::ToolOutput { call_id, output } => {
-                proto::function_call_output_item(call_id, output)
-            }
+            UpstreamCommand::ToolOutput {
+                call_id, output, ..
+            } => proto::function_call_output_item(call_id, output),
             UpstreamCommand::Digit(digit) => proto::user_text_item(&format!(
                 "The caller pressed the key {digit} on the phone keypad."
             )),

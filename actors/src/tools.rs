@@ -117,8 +117,9 @@ pub fn validate(tools: &[ToolConfig], builtins: &[String]) -> Result<(), ConfigE
     Ok(())
 }
 
-/// The tool definitions for a Realtime session (`session.tools`).
-pub fn realtime_definitions(tools: &[ToolConfig], builtins: &[String]) -> Vec<Value> {
+/// The function tool definitions: Realtime's `session.tools` and GPT-Live's
+/// `delegation.responses.tools` take the same flat shape.
+pub fn function_definitions(tools: &[ToolConfig], builtins: &[String]) -> Vec<Value> {
     let mut out: Vec<Value> = tools
         .iter()
         .filter_map(|tool| {
@@ -276,7 +277,7 @@ mod tests {
         );
         assert!(tool("b", json!({"type": "array"})).schema().is_err());
         assert!(tool("c", json!("not json")).schema().is_err());
-        let defs = realtime_definitions(&[as_string], &[END_CALL.into()]);
+        let defs = function_definitions(&[as_string], &[END_CALL.into()]);
         assert_eq!(defs.len(), 2);
         assert_eq!(defs[0]["type"], "function");
         assert_eq!(defs[1]["name"], END_CALL);

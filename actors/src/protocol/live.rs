@@ -84,13 +84,56 @@ pub fn session_start(cfg: &OpenAiConfig, history: &[ContextLine]) -> String {
         "audio".into(),
         json!({"format": {"type": "audio/pcmu", "rate": 8000}, "output": {"voice": cfg.voice}}),
     );
-    session.insert("delegation".into(), Value::Null);
+    session.insert("delegation".into(), delegation(cfg));
     let input = history_input(history);
     if !input.is_empty() {
         session.insert("input".into(), Value::Array(input));
     }
     json!({"type": "session.start", "event_id": SESSION_START_EVENT_ID, "session": session})
         .to_string()
+}
+
+/// The session's delegation (§9): with tools declared (`[[tools]]`, `call.builtin_tools`),
+/// Responses delegation whose function tools come back to us; otherwise client delegation
+/// (`null`), whose delegations we decline ([`decline_delegation`]).
+pub fn delegation(cfg: &OpenAiConfig) -> Value {
+    let tools = crate::tools::function_definitions(&cfg.tools, &cfg.builtin_tools);
+    if tools.is_empty() {
+        return Value::Null;
+    }
+    let mut responses = serde_json::Map::new();
+    responses.insert("model".into(), json!(cfg.live_delegation_model));
+    if !cfg.live_delegation_instructions.trim().is_empty() {
+        responses.insert(
+            "instructions".into(),
+            json!(cfg.live_delegation_instructions),
+        );
+    }
+    responses.insert("tools".into(), Value::Array(tools));
+    responses.insert("tool_choice".into(), json!("auto"));
+    json!({"type": "responses", "responses": responses})
+}
+
+/// What a client delegation is told when this line has no backend for it (§9.1).
+pub const DECLINE: &str = "This line cannot do that. Offer to help with something else.";
+
+/// The answer to a client delegation: a short commentary that it cannot be done here (§9.1).
+pub fn decline_delegation(delegation_id: &str) -> String {
+    json!({"type": "session.commentary.append", "delegation_id": delegation_id,
+        "content": DECLINE})
+    .to_string()
+}
+
+/// `response.item.create` with the output of the delegated function call `call_id` (§9.2).
+pub fn function_call_output(call_id: &str, output: &str) -> String {
+    json!({"type": "response.item.create",
+        "item": {"type": "function_call_output", "call_id": call_id, "output": output}})
+    .to_string()
+}
+
+/// `response.create`: the delegated backend goes on (§9.2).
+pub fn response_create() -> String {
+    json!({"type": "response.create"}).to_string()
 }
 
 /// `session.input_audio.append` for one chunk of caller audio. `audio_b64` must be checked
@@ -162,6 +205,25 @@ pub enum LiveEvent<'a> {
         /// The `event_id` of our event that failed, when the server names it.
         client_event_id: Option<String>,
     },
+    /// The model delegated a task (`session.delegation.created`): to us (`client`) or to the
+    /// Responses backend.
+    Delegation { id: String, target: String },
+    /// A function call of the delegated backend (`response.event` wrapping
+    /// `response.output_item.done` with a `function_call` item). Only `completed` ones run.
+    FunctionCall {
+        call_id: String,
+        name: String,
+        arguments: String,
+        status: String,
+    },
+    /// The delegated backend's response ended (`response.completed`, `incomplete`, `failed`),
+    /// with its token usage when given.
+    DelegationDone {
+        status: String,
+        input_tokens: u64,
+        cached_tokens: u64,
+        output_tokens: u64,
+    },
     /// Any other event (acks, `info`, …), by type.
     Other { kind: Cow<'a, str> },
 }
@@ -182,6 +244,19 @@ struct RawEvent<'a> {
     error: Option<RawError>,
     #[serde(default)]
     client_event_id: Option<String>,
+    #[serde(default)]
+    delegation: Option<RawDelegation>,
+    /// `response.event`'s wrapped backend event (read only for that type).
+    #[serde(default)]
+    event: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RawDelegation {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    target: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -269,7 +344,54 @@ pub fn parse_server_event(text: &str) -> Result<LiveEvent<'_>, LiveParseError> {
                 client_event_id: error.client_event_id.or(raw.client_event_id),
             }
         }
+        "session.delegation.created" => {
+            let d = raw
+                .delegation
+                .ok_or(missing("session.delegation.created", "delegation"))?;
+            LiveEvent::Delegation {
+                id: d
+                    .id
+                    .ok_or(missing("session.delegation.created", "delegation.id"))?,
+                target: d.target.unwrap_or_else(|| "client".into()),
+            }
+        }
+        "response.event" => {
+            let event = raw.event.ok_or(missing("response.event", "event"))?;
+            backend_event(event)?.unwrap_or(LiveEvent::Other { kind: raw.kind })
+        }
         _ => LiveEvent::Other { kind: raw.kind },
+    })
+}
+
+/// The backend events of a `response.event` the bridge acts on (§9.2); `None` for the others.
+fn backend_event(event: Value) -> Result<Option<LiveEvent<'static>>, LiveParseError> {
+    let missing = |field| LiveParseError::MissingField {
+        kind: "response.event",
+        field,
+    };
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    Ok(match event["type"].as_str() {
+        Some("response.output_item.done") if event["item"]["type"] == "function_call" => {
+            let item = &event["item"];
+            Some(LiveEvent::FunctionCall {
+                call_id: text(&item["call_id"]).ok_or(missing("event.item.call_id"))?,
+                name: text(&item["name"]).ok_or(missing("event.item.name"))?,
+                arguments: text(&item["arguments"]).unwrap_or_default(),
+                status: text(&item["status"]).unwrap_or_else(|| "completed".into()),
+            })
+        }
+        Some(kind @ ("response.completed" | "response.incomplete" | "response.failed")) => {
+            let usage = &event["response"]["usage"];
+            let n = |v: &Value| v.as_u64().unwrap_or(0);
+            Some(LiveEvent::DelegationDone {
+                status: kind.trim_start_matches("response.").to_owned(),
+                input_tokens: n(&usage["input_tokens"]),
+                cached_tokens: n(&usage["input_tokens_details"]["cached_tokens"]),
+                output_tokens: n(&usage["output_tokens"]),
+            })
+        }
+        Some(_) => None,
+        None => return Err(missing("event.type")),
     })
 }
 
@@ -460,6 +582,80 @@ mod tests {
         assert!(parse_server_event("nope").is_err());
         assert!(parse_server_event(r#"{"type":"session.output_audio.delta"}"#).is_err());
         assert!(parse_server_event(r#"{"type":"session.started","session":{}}"#).is_err());
+    }
+
+    /// §9.2's examples: the start with Responses delegation, the function call, our answer.
+    #[test]
+    fn tools_go_through_responses_delegation() {
+        let mut c = cfg();
+        assert_eq!(delegation(&c), Value::Null, "no tools: client delegation");
+        c.tools = vec![crate::tools::ToolConfig {
+            name: "move_appointment".into(),
+            description: "Move the caller's appointment to another day.".into(),
+            parameters: Value::String(
+                r#"{"type":"object","properties":{"day":{"type":"string"}},"required":["day"],"additionalProperties":false}"#.into(),
+            ),
+            url: "http://127.0.0.1:1/tool".into(),
+            timeout_ms: 5000,
+        }];
+        c.builtin_tools = vec!["end_call".into()];
+        let start: Value = serde_json::from_str(&session_start(&c, &[])).unwrap();
+        let d = &start["session"]["delegation"];
+        assert_eq!(d["type"], "responses");
+        assert_eq!(d["responses"]["model"], "gpt-5.5");
+        assert_eq!(d["responses"]["tool_choice"], "auto");
+        assert!(d["responses"].get("instructions").is_none());
+        let tools = d["responses"]["tools"].as_array().unwrap();
+        assert_eq!(tools.len(), 2);
+        assert_eq!(
+            tools[0],
+            json!({"type":"function","name":"move_appointment",
+                "description":"Move the caller's appointment to another day.",
+                "parameters":{"type":"object","properties":{"day":{"type":"string"}},
+                              "required":["day"],"additionalProperties":false}})
+        );
+        assert_eq!(tools[1]["name"], "end_call");
+        c.live_delegation_instructions = "You are the booking backend.".into();
+        assert_eq!(
+            delegation(&c)["responses"]["instructions"],
+            "You are the booking backend."
+        );
+
+        assert_eq!(
+            parse_server_event(r#"{"type":"session.delegation.created","event_id":"evt_9a0002","offset_ms":18420,"delegation":{"type":"delegation","id":"dlg_5b2e","target":"responses","response_id":"resp_77c1"}}"#).unwrap(),
+            LiveEvent::Delegation { id: "dlg_5b2e".into(), target: "responses".into() }
+        );
+        assert_eq!(
+            parse_server_event(r#"{"type":"response.event","event_id":"evt_9a0007","delegation_id":"dlg_5b2e","event":{"type":"response.output_item.done","sequence_number":6,"output_index":0,"item":{"type":"function_call","id":"fc_31d0","call_id":"call_Q8n2","name":"move_appointment","arguments":"{\"day\":\"Friday\"}","status":"completed"}}}"#).unwrap(),
+            LiveEvent::FunctionCall {
+                call_id: "call_Q8n2".into(),
+                name: "move_appointment".into(),
+                arguments: r#"{"day":"Friday"}"#.into(),
+                status: "completed".into(),
+            }
+        );
+        assert_eq!(
+            parse_server_event(r#"{"type":"response.event","event_id":"evt_9a0011","delegation_id":"dlg_5b2e","event":{"type":"response.completed","sequence_number":14,"response":{"id":"resp_77c1","object":"response","created_at":1796139000,"model":"gpt-5.5","status":"completed","output":[],"tools":[],"tool_choice":"auto","parallel_tool_calls":true,"usage":{"input_tokens":812,"input_tokens_details":{"cached_tokens":512,"cache_write_tokens":0},"output_tokens":64,"output_tokens_details":{"reasoning_tokens":16},"total_tokens":876}}}}"#).unwrap(),
+            LiveEvent::DelegationDone { status: "completed".into(), input_tokens: 812, cached_tokens: 512, output_tokens: 64 }
+        );
+        assert!(matches!(
+            parse_server_event(r#"{"type":"response.event","delegation_id":"d","event":{"type":"response.output_text.delta","delta":"x"}}"#).unwrap(),
+            LiveEvent::Other { .. }
+        ));
+        assert!(parse_server_event(r#"{"type":"response.event","delegation_id":"d"}"#).is_err());
+
+        let out: Value =
+            serde_json::from_str(&function_call_output("call_Q8n2", r#"{"moved":true}"#)).unwrap();
+        assert_eq!(
+            out,
+            json!({"type":"response.item.create",
+                "item":{"type":"function_call_output","call_id":"call_Q8n2","output":"{\"moved\":true}"}})
+        );
+        let create: Value = serde_json::from_str(&response_create()).unwrap();
+        assert_eq!(create, json!({"type": "response.create"}));
+        let decline: Value = serde_json::from_str(&decline_delegation("dlg_5b2e")).unwrap();
+        assert_eq!(decline["type"], "session.commentary.append");
+        assert_eq!(decline["delegation_id"], "dlg_5b2e");
     }
 
     #[test]

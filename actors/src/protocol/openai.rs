@@ -61,7 +61,7 @@ pub fn session_update(cfg: &OpenAiConfig) -> String {
             },
         },
     });
-    let tools = crate::tools::realtime_definitions(&cfg.tools, &cfg.builtin_tools);
+    let tools = crate::tools::function_definitions(&cfg.tools, &cfg.builtin_tools);
     if !tools.is_empty() {
         update["session"]["tools"] = Value::Array(tools);
         update["session"]["tool_choice"] = json!("auto");

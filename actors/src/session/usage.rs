@@ -145,6 +145,19 @@ pub struct CallUsage {
     pub cost_usd: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub price_note: Option<String>,
+    /// GPT-Live with tools: the tokens of the Responses model tool use is delegated to. Billed
+    /// separately by OpenAI at that model's token prices, and not in `cost_usd`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegated: Option<DelegatedUsage>,
+}
+
+/// Tokens of GPT-Live's delegated Responses backend, summed over its responses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DelegatedUsage {
+    pub model: String,
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
 }
 
 /// Accumulates one call's usage.
@@ -155,6 +168,7 @@ pub struct UsageMeter {
     tokens: TokenUsage,
     /// (session, its latest cumulative seconds).
     sessions: Vec<(u32, f64)>,
+    delegated: Option<DelegatedUsage>,
 }
 
 impl UsageMeter {
@@ -164,7 +178,19 @@ impl UsageMeter {
             model: model.into(),
             tokens: TokenUsage::default(),
             sessions: Vec::new(),
+            delegated: None,
         }
+    }
+
+    /// A delegated backend response's tokens (GPT-Live with tools): added.
+    pub fn add_delegated(&mut self, model: &str, input: u64, cached: u64, output: u64) {
+        let d = self.delegated.get_or_insert_with(|| DelegatedUsage {
+            model: model.to_owned(),
+            ..Default::default()
+        });
+        d.input_tokens += input;
+        d.cached_tokens += cached;
+        d.output_tokens += output;
     }
 
     /// A Realtime response's tokens: added.
@@ -198,6 +224,7 @@ impl UsageMeter {
         let mut usage = CallUsage {
             api: self.api.as_str(),
             model: self.model.clone(),
+            delegated: self.delegated.clone(),
             ..Default::default()
         };
         match self.api {
@@ -243,6 +270,30 @@ fn round_usd(usd: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delegated_tokens_are_added_up_and_kept_out_of_the_cost() {
+        let mut meter = UsageMeter::new(OpenAiApi::Live, "gpt-live-1");
+        meter.session_seconds(0, 60.0);
+        meter.add_delegated("gpt-5.5", 812, 512, 64);
+        meter.add_delegated("gpt-5.5", 100, 0, 10);
+        let report = meter.report(&Prices::default());
+        assert_eq!(report.cost_usd, Some(0.05), "the session's minute only");
+        let d = report.delegated.unwrap();
+        assert_eq!(
+            (
+                d.model.as_str(),
+                d.input_tokens,
+                d.cached_tokens,
+                d.output_tokens
+            ),
+            ("gpt-5.5", 912, 512, 74)
+        );
+        assert!(UsageMeter::new(OpenAiApi::Live, "gpt-live-1")
+            .report(&Prices::default())
+            .delegated
+            .is_none());
+    }
 
     #[test]
     fn live_seconds_are_replaced_within_a_session_and_summed_across_sessions() {

@@ -1,0 +1,234 @@
+//! End-to-end: tools on GPT-Live, through Responses delegation (`gpt-live.md` §9.2), against the
+//! strict fake GPT-Live server: the tools declared in `session.start`, a delegated function call
+//! run at its `[[tools]]` endpoint (signed; the fake receiver checks with its own HMAC), its
+//! output and the `response.create` after it, error outputs, the built-in `end_call` through the
+//! fake Twilio REST API, the backend's tokens in the call's usage, and a client delegation
+//! declined when no tools are declared.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use actix_web::rt::time::sleep;
+use callbridge_actors::tools::ToolConfig;
+use callbridge_fakes::live::{AppendKind, FakeLive, FakeLiveSession};
+use callbridge_fakes::receiver::{Answer, FakeReceiver};
+use callbridge_fakes::twilio_rest::{Account, FakeTwilioRest};
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use support::{live_settings, spawn_app, FakeTwilio, TestApp};
+
+const SID: &str = "CA0123456789abcdef0123456789abcdef";
+const SECRET: &str = "live-tools-secret";
+
+fn lookup(url: String) -> ToolConfig {
+    ToolConfig {
+        name: "lookup_order".into(),
+        description: "Look up an order by its id.".into(),
+        parameters: json!({"type": "object", "properties": {"order_id": {"type": "string"}}}),
+        url,
+        timeout_ms: 2_000,
+    }
+}
+
+async fn start(app: &TestApp, fake: &FakeLive) -> (FakeTwilio, FakeLiveSession) {
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let session = fake.next_session().await;
+    caller
+        .start_call(
+            "MZlivetool",
+            SID,
+            &[("From", "+14155550100"), ("To", "+14155550199")],
+        )
+        .await;
+    session.wait_session_start().await;
+    app.wait_call(SID, "active", |c| c["state"] == "active")
+        .await;
+    (caller, session)
+}
+
+/// The `function_call_output` the service sent for `call_id` (`response.item.create`).
+async fn output_for(session: &FakeLiveSession, call_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(item) = session
+            .item_creates()
+            .into_iter()
+            .find(|i| i["type"] == "function_call_output" && i["call_id"] == call_id)
+        {
+            return item;
+        }
+        assert!(Instant::now() < deadline, "no output for {call_id}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_response_creates(session: &FakeLiveSession, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while session.response_create_count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} response.create, wanted {n}",
+            session.response_create_count()
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Tools are declared as Responses delegation; a completed delegated call runs once at its
+/// endpoint (signed), its exact answer goes back as the output followed by `response.create`,
+/// and the transcript shows it. A call cut short is not run. The backend's tokens are in the
+/// call's usage, not in its cost.
+#[actix_web::test]
+async fn a_delegated_tool_call_runs_and_its_output_goes_back() {
+    let tool_server = FakeReceiver::start(Some(SECRET)).await;
+    tool_server.answer_always(Answer::ok(r#"{"status":"shipped","eta":"Friday"}"#));
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.tools = vec![lookup(tool_server.url("/tools/lookup"))];
+    settings.secrets.tools_secret = Some(SecretString::from(SECRET));
+    settings.openai.live_delegation_model = "gpt-5.5".into();
+    settings.openai.live_delegation_instructions = "You are the order backend.".into();
+    let app = spawn_app(settings).await;
+    let (caller, session) = start(&app, &fake).await;
+    let delegation = session.session_config()["delegation"].clone();
+    assert_eq!(delegation["type"], "responses", "{delegation}");
+    assert_eq!(delegation["responses"]["model"], "gpt-5.5");
+    assert_eq!(
+        delegation["responses"]["instructions"],
+        "You are the order backend."
+    );
+    assert_eq!(
+        delegation["responses"]["tools"][0]["name"], "lookup_order",
+        "{delegation}"
+    );
+
+    session.delegate_to_responses("dlg_1", "resp_1");
+    session.function_call_cut_short("dlg_1", "call_0", "lookup_order", "incomplete");
+    session.function_call("dlg_1", "call_1", "lookup_order", r#"{"order_id":"A123"}"#);
+    let output = output_for(&session, "call_1").await;
+    assert_eq!(output["output"], r#"{"status":"shipped","eta":"Friday"}"#);
+    wait_response_creates(&session, 1).await;
+    let got = tool_server.received();
+    assert_eq!(got.len(), 1, "only the completed call runs");
+    assert_eq!(
+        got[0].body,
+        json!({"call_sid": SID, "tool": "lookup_order", "arguments": {"order_id": "A123"}, "call_id": "call_1"})
+    );
+    assert_eq!(got[0].header("x-callbridge-call-sid"), Some(SID));
+
+    session.response_completed("dlg_1", "resp_1");
+    let call = app
+        .wait_call(SID, "delegated usage", |c| {
+            c["usage"]["delegated"]["input_tokens"] == 100
+        })
+        .await;
+    assert_eq!(call["usage"]["delegated"]["model"], "gpt-5.5", "{call}");
+    assert_eq!(call["usage"]["delegated"]["output_tokens"], 10);
+    let tool_lines: Vec<&Value> = call["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["role"] == "tool")
+        .collect();
+    assert_eq!(tool_lines.len(), 1, "{call}");
+    assert!(tool_lines[0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("lookup_order: ok"));
+    assert!(
+        session.calls_awaiting_output().is_empty(),
+        "{:?}",
+        session.calls_awaiting_output()
+    );
+    caller.hang_up().await;
+    app.wait_call_count(0).await;
+    tool_server.assert_no_violations();
+    fake.assert_no_violations();
+}
+
+/// An unknown tool and arguments that are not JSON are error outputs, each followed by
+/// `response.create`; the call goes on and audio still flows.
+#[actix_web::test]
+async fn delegated_tool_failures_are_error_outputs() {
+    let tool_server = FakeReceiver::start(None).await;
+    tool_server.answer_always(Answer::status(500));
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.tools = vec![lookup(tool_server.url("/t"))];
+    let app = spawn_app(settings).await;
+    let (caller, session) = start(&app, &fake).await;
+    session.delegate_to_responses("dlg_1", "resp_1");
+    let cases = [
+        ("c500", "lookup_order", r#"{"order_id":"1"}"#, "HTTP 500"),
+        ("cnope", "reboot_server", "{}", "no tool named"),
+        ("cbad", "lookup_order", "{not json", "not a JSON object"),
+    ];
+    for (n, (call_id, name, args, why)) in cases.iter().enumerate() {
+        session.function_call("dlg_1", call_id, name, args);
+        let output = output_for(&session, call_id).await;
+        let error: Value = serde_json::from_str(output["output"].as_str().unwrap()).unwrap();
+        assert!(
+            error["error"].as_str().unwrap().contains(why),
+            "{call_id}: {error}"
+        );
+        wait_response_creates(&session, n + 1).await;
+    }
+    assert_eq!(tool_server.received().len(), 1);
+    assert_eq!(app.call(SID).await["state"], "active");
+    caller.send_media(&[0x15; 160]).await;
+    session.wait_appended_bytes(160).await;
+    caller.hang_up().await;
+    fake.assert_no_violations();
+}
+
+/// The built-in `end_call` on GPT-Live: the call ends through Twilio's REST API and the
+/// backend is not asked to go on.
+#[actix_web::test]
+async fn builtin_end_call_on_live() {
+    let account = Account::test();
+    let rest = FakeTwilioRest::start(account.clone()).await;
+    rest.add_live_call(SID, "+14155550100", "+14155550199");
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.twilio.api_base = rest.base_url();
+    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
+    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
+    settings.call.builtin_tools = vec!["end_call".into()];
+    let app = spawn_app(settings).await;
+    let (caller, session) = start(&app, &fake).await;
+    let tools = session.session_config()["delegation"]["responses"]["tools"].clone();
+    assert_eq!(tools[0]["name"], "end_call", "{tools}");
+    session.delegate_to_responses("dlg_1", "resp_1");
+    session.function_call("dlg_1", "c1", "end_call", "{}");
+    let done = output_for(&session, "c1").await;
+    assert_eq!(done["output"], r#"{"ok":true}"#);
+    tokio::time::timeout(Duration::from_secs(10), rest.on_stream_end(SID))
+        .await
+        .expect("the REST request");
+    assert_eq!(rest.updates_for(SID)[0].param("Status"), Some("completed"));
+    caller.hang_up().await;
+    app.wait_ended("hung_up", Duration::from_secs(3)).await;
+    assert_eq!(session.response_create_count(), 0, "asked to go on");
+    rest.assert_no_violations();
+    fake.assert_no_violations();
+}
+
+/// Without tools the session uses client delegation; a delegation to us is declined with a
+/// short commentary carrying its id (§9.1), so the model does not wait for an answer.
+#[actix_web::test]
+async fn without_tools_a_client_delegation_is_declined() {
+    let fake = FakeLive::start().await;
+    let app = spawn_app(live_settings(&fake)).await;
+    let (caller, session) = start(&app, &fake).await;
+    assert_eq!(session.session_config()["delegation"]["type"], "client");
+    session.delegate_to_client("dlg_c");
+    let appends = session.wait_text_appends(AppendKind::Commentary, 1).await;
+    let decline = appends
+        .iter()
+        .find(|a| a.delegation_id.as_deref() == Some("dlg_c"))
+        .expect("a commentary for the delegation");
+    assert!(decline.content.contains("cannot do that"), "{decline:?}");
+    caller.hang_up().await;
+    fake.assert_no_violations();
+}
