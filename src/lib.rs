@@ -1,6 +1,7 @@
 //! callbridge's HTTP shell: settings, routes, start-up and shutdown. The call engine (actors,
 //! messages, protocols) is the `callbridge-actors` crate in `actors/`.
 
+pub mod admin;
 pub mod routes;
 pub mod settings;
 
@@ -171,6 +172,7 @@ impl Application {
             reporter: reporter.clone(),
             settings: Arc::new(settings),
             started: Instant::now(),
+            sessions: admin::Sessions::default(),
         });
         let mut server = HttpServer::new(move || {
             App::new()

@@ -8,6 +8,7 @@
 //! | `GET /ready` | 200 while new calls are taken, 503 while draining |
 //! | `GET /calls` | every live call |
 //! | `GET /calls/{call_sid}` | one live call with its transcript |
+//! | `POST /login`, `/logout` | the dashboard's sign-in: the admin token for a session cookie |
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub reporter: Option<actix::Addr<callbridge_actors::report::Reporter>>,
     pub settings: Arc<Settings>,
     pub started: Instant,
+    /// The dashboard's sign-ins (`POST /login`).
+    pub sessions: crate::admin::Sessions,
 }
 
 /// An HTTP error with a JSON body; the message never carries a secret.
@@ -102,7 +105,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/calls/{call_sid}", web::get().to(get_call))
         .route("/calls/{call_sid}/hangup", web::post().to(hangup))
         .route("/calls/{call_sid}/transfer", web::post().to(transfer))
-        .route("/calls/{call_sid}/say", web::post().to(say));
+        .route("/calls/{call_sid}/say", web::post().to(say))
+        .route("/login", web::post().to(login))
+        .route("/logout", web::post().to(logout));
 }
 
 /// The form parameters of a webhook Twilio signed: the signature covers the full URL Twilio
@@ -713,7 +718,58 @@ fn check_signature(
     }
 }
 
+/// The admin token for a session cookie (the dashboard signs in once; the token is then kept
+/// neither in the page nor in a URL). 204 with the cookie, 401 for a wrong token, 400 when no
+/// admin token is set (the dashboard then needs no sign-in, from this host).
+async fn login(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Login {
+        token: String,
+    }
+    let Some(token) = state.settings.secrets.admin_token.as_ref() else {
+        return Err(ApiError::BadRequest(
+            "no admin token is set: nothing to sign in with (the dashboard answers this host only)",
+        ));
+    };
+    let login: Login = json_body(&body)?;
+    if !constant_time_eq(login.token.as_bytes(), token.expose_secret().as_bytes()) {
+        log::warn!("dashboard sign-in refused: wrong token");
+        return Err(ApiError::Unauthorized);
+    }
+    let id = state.sessions.create().map_err(|e| {
+        log::error!("no randomness for a session id: {e}");
+        ApiError::Unavailable("cannot create a session now".into())
+    })?;
+    let secure = req.connection_info().scheme() == "https"
+        || state.settings.server.public_url.starts_with("https://");
+    Ok(HttpResponse::NoContent()
+        .insert_header((header::SET_COOKIE, crate::admin::set_cookie(&id, secure)))
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .finish())
+}
+
+async fn logout(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(id) = crate::admin::session_cookie(req.headers()) {
+        state.sessions.remove(id);
+    }
+    HttpResponse::NoContent()
+        .insert_header((header::SET_COOKIE, crate::admin::clear_cookie()))
+        .finish()
+}
+
 fn check_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    // The dashboard's session cookie stands for the token.
+    if state.settings.secrets.admin_token.is_some() {
+        if let Some(id) = crate::admin::session_cookie(req.headers()) {
+            if state.sessions.valid(id) {
+                return Ok(());
+            }
+        }
+    }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)

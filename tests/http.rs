@@ -161,6 +161,64 @@ async fn calls_require_the_admin_token_when_one_is_set() {
     assert_eq!(status, 200);
 }
 
+/// The dashboard's sign-in: the admin token once at `POST /login` for an `HttpOnly`,
+/// `SameSite=Strict` session cookie that then stands for the token (until `POST /logout`); a
+/// wrong token is 401 and sets nothing; a made-up cookie grants nothing.
+#[actix_web::test]
+async fn the_admin_token_is_exchanged_for_a_session_cookie() {
+    let mut settings = test_settings();
+    settings.secrets.admin_token = Some(SecretString::from("admin-secret-token"));
+    let app = spawn_app(settings).await;
+    let client = awc::Client::default();
+    let login = |token: &str| {
+        client
+            .post(app.http("/login"))
+            .insert_header(("Content-Type", "application/json"))
+            .send_body(serde_json::json!({ "token": token }).to_string())
+    };
+    let mut wrong = login("wrong").await.unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    let body = wrong.body().await.unwrap();
+    assert!(!String::from_utf8_lossy(&body).contains("admin-secret-token"));
+
+    let right = login("admin-secret-token").await.unwrap();
+    assert_eq!(right.status().as_u16(), 204);
+    let cookie = right
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(!cookie.contains("admin-secret-token"));
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    assert!(
+        pair.starts_with("callbridge_session=") && pair.len() > 60,
+        "{pair}"
+    );
+
+    let (status, body) = app.get_json_with("/calls", &[("Cookie", &pair)]).await;
+    assert_eq!(status, 200, "{body}");
+    let forged = format!("callbridge_session={}", "a".repeat(64));
+    let (status, _) = app.get_json_with("/calls", &[("Cookie", &forged)]).await;
+    assert_eq!(status, 401);
+
+    let out = client
+        .post(app.http("/logout"))
+        .insert_header(("Cookie", pair.as_str()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status().as_u16(), 204);
+    let (status, _) = app.get_json_with("/calls", &[("Cookie", &pair)]).await;
+    assert_eq!(status, 401, "signed out");
+}
+
 /// The fallback after `</Connect>` says the configured sentence and dials the configured
 /// number, escaped; Twilio plays it when callbridge closes the stream.
 #[actix_web::test]
