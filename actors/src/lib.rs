@@ -54,6 +54,7 @@ pub mod call;
 pub mod config;
 pub mod echo;
 pub mod engine;
+pub mod events;
 pub mod messages;
 pub mod openai_live;
 pub mod openai_realtime;
