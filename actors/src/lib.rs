@@ -55,6 +55,7 @@ pub mod config;
 pub mod echo;
 pub mod engine;
 pub mod messages;
+pub mod metrics;
 pub mod openai_live;
 pub mod openai_realtime;
 pub mod protocol;
