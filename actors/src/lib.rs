@@ -56,6 +56,7 @@ pub mod echo;
 pub mod engine;
 pub mod events;
 pub mod messages;
+pub mod metrics;
 pub mod openai_live;
 pub mod openai_realtime;
 pub mod protocol;
