@@ -120,6 +120,15 @@ impl Application {
         let mut openai = settings.openai.clone();
         openai.tools = settings.tools.clone();
         openai.builtin_tools = settings.call.builtin_tools.clone();
+        let metrics = Arc::new(callbridge_actors::metrics::Metrics::new());
+        let dropped = metrics.clone();
+        let events = Arc::new(
+            callbridge_actors::events::EventHub::new(
+                settings.events.replay_max,
+                settings.events.subscriber_queue,
+            )
+            .on_subscriber_dropped(move || dropped.subscriber_dropped()),
+        );
         let engine = Engine::new(
             registry,
             openai,
@@ -132,6 +141,7 @@ impl Application {
                 .then(|| settings.secrets.twilio_auth_token.clone())
                 .flatten(),
             settings.prices.clone(),
+            callbridge_actors::engine::Observers { events, metrics },
         )?;
         let reporter = (!settings.report.url.trim().is_empty()).then(|| {
             Reporter::new(

@@ -8,6 +8,8 @@
 //! | `GET /ready` | 200 while new calls are taken, 503 while draining |
 //! | `GET /calls` | every live call |
 //! | `GET /calls/{call_sid}` | one live call with its transcript |
+//! | `GET /calls/{call_sid}/events`, `GET /events` | live events (Server-Sent Events) of one call, of all |
+//! | `GET /metrics` | Prometheus metrics |
 //! | `POST /login`, `/logout` | the dashboard's sign-in: the admin token for a session cookie |
 
 use std::sync::Arc;
@@ -106,6 +108,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/calls/{call_sid}/hangup", web::post().to(hangup))
         .route("/calls/{call_sid}/transfer", web::post().to(transfer))
         .route("/calls/{call_sid}/say", web::post().to(say))
+        .route("/calls/{call_sid}/events", web::get().to(call_events))
+        .route("/events", web::get().to(all_events))
+        .route("/metrics", web::get().to(metrics))
         .route("/login", web::post().to(login))
         .route("/logout", web::post().to(logout));
 }
@@ -154,6 +159,11 @@ async fn voice(
     let max_calls = state.settings.server.max_calls;
     let full = max_calls > 0 && state.engine.live_calls() >= max_calls;
     if full || state.engine.is_draining() {
+        state.engine.metrics().rejected_request(if full {
+            "over_capacity"
+        } else {
+            "draining"
+        });
         log::warn!(
             "[{call_sid}] incoming call refused ({}): answering with the fallback",
             if full {
@@ -229,11 +239,13 @@ async fn media_stream(
     check_signature(&req, &state, &stream_url(&req, &state), &[])?;
     let max_calls = state.settings.server.max_calls;
     if max_calls > 0 && state.engine.live_calls() >= max_calls {
+        state.engine.metrics().rejected_request("over_capacity");
         log::warn!("media stream refused: {max_calls} calls live (server.max_calls)");
         return Ok(HttpResponse::ServiceUnavailable()
             .json(json!({"error": "too many live calls (server.max_calls)"})));
     }
     if state.engine.is_draining() {
+        state.engine.metrics().rejected_request("draining");
         return Ok(
             HttpResponse::ServiceUnavailable().json(json!({"error": "draining for shutdown"}))
         );
@@ -714,8 +726,61 @@ fn check_signature(
             req.method(),
             req.path()
         );
+        state.engine.metrics().rejected_request("bad_signature");
         Err(ApiError::BadSignature)
     }
+}
+
+/// `GET /metrics`: Prometheus text format, behind the admin auth.
+async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    Ok(HttpResponse::Ok()
+        .content_type(callbridge_actors::metrics::CONTENT_TYPE)
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(state.engine.metrics().render()))
+}
+
+fn last_event_id(req: &HttpRequest) -> Option<u64> {
+    callbridge_actors::events::parse_last_event_id(
+        req.headers()
+            .get("Last-Event-ID")
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+fn event_stream(subscription: callbridge_actors::events::Subscription) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(subscription)
+}
+
+/// `GET /calls/{call_sid}/events`: one call's live events (SSE); a replay of its recent ones
+/// first; ends after `ended`. 404 for a call never seen (or long forgotten).
+async fn call_events(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    let call_sid = path.into_inner();
+    match state
+        .engine
+        .events()
+        .subscribe_call(&call_sid, last_event_id(&req))
+    {
+        Some(subscription) => Ok(event_stream(subscription)),
+        None => Err(ApiError::CallNotFound(call_sid)),
+    }
+}
+
+/// `GET /events`: every call's live events (SSE).
+async fn all_events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    check_admin(&req, &state)?;
+    Ok(event_stream(
+        state.engine.events().subscribe_all(last_event_id(&req)),
+    ))
 }
 
 /// The admin token for a session cookie (the dashboard signs in once; the token is then kept
@@ -780,7 +845,7 @@ fn check_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
         .iter()
         .any(|h| req.headers().contains_key(*h));
-    admin_access(
+    let access = admin_access(
         req.peer_addr().map(|a| a.ip()).filter(|_| !forwarded),
         state
             .settings
@@ -789,7 +854,11 @@ fn check_admin(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
             .as_ref()
             .map(|t| t.expose_secret()),
         given,
-    )
+    );
+    if access.is_err() {
+        state.engine.metrics().rejected_request("unauthorized");
+    }
+    access
 }
 
 /// Who may read `/calls` (phone numbers, transcripts): with an admin token, whoever presents

@@ -32,6 +32,8 @@ pub struct Settings {
     pub report: callbridge_actors::report::ReportConfig,
     /// Tools the model can call (`[[tools]]`).
     pub tools: Vec<callbridge_actors::tools::ToolConfig>,
+    /// The live event stream (`/events`, `/calls/{sid}/events`).
+    pub events: EventsSettings,
     /// From the environment only, never from a file.
     #[serde(skip)]
     pub secrets: Secrets,
@@ -150,6 +152,24 @@ impl Default for LogSettings {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsSettings {
+    /// Recent events a late subscriber gets first, per call (and for `/events` in all).
+    pub replay_max: usize,
+    /// Events queued for one subscriber at most; one that falls further behind is cut off.
+    pub subscriber_queue: usize,
+}
+
+impl Default for EventsSettings {
+    fn default() -> Self {
+        Self {
+            replay_max: 100,
+            subscriber_queue: 256,
+        }
+    }
+}
+
 /// Secrets: `Debug` prints `[REDACTED]`, and nothing serializes them.
 #[derive(Debug, Clone, Default)]
 pub struct Secrets {
@@ -251,6 +271,18 @@ impl Settings {
             .check()
             .map_err(|problem| ConfigError::new("prices", problem))?;
         self.report.validate()?;
+        if !(1..=10_000).contains(&self.events.replay_max) {
+            return Err(ConfigError::new(
+                "events.replay_max",
+                format!("must be 1 to 10000, got {}", self.events.replay_max),
+            ));
+        }
+        if !(1..=100_000).contains(&self.events.subscriber_queue) {
+            return Err(ConfigError::new(
+                "events.subscriber_queue",
+                format!("must be 1 to 100000, got {}", self.events.subscriber_queue),
+            ));
+        }
         callbridge_actors::tools::validate(&self.tools, &self.call.builtin_tools)?;
         let api = self.twilio.api_base.trim();
         if !(api.starts_with("https://") || api.starts_with("http://")) {

@@ -27,6 +27,7 @@ use time::OffsetDateTime;
 use crate::config::{CallConfig, OpenAiApi, OpenAiConfig, UpstreamKind};
 use crate::echo::EchoUpstream;
 use crate::engine::Engine;
+use crate::events::CallEvent;
 use crate::messages::UsageReport;
 use crate::messages::{
     AudioIn, AudioOut, CallControl, CallCounters, CallIdentified, ClearAudio, ContextLine,
@@ -250,6 +251,17 @@ pub struct CallActor {
     replay_upto: usize,
     registered: bool,
     ending: bool,
+
+    /// This call in the metrics' live set (folded into the totals at its end).
+    ticket: Option<crate::metrics::CallTicket>,
+    /// The state last published as a live event.
+    published_state: &'static str,
+    /// `ended` was published (a call's event stream closes with it).
+    ended_published: bool,
+    /// When the model heard the caller start speaking (for the barge-in latency).
+    speech_at: Option<Instant>,
+    /// Usage already counted in the metrics: seconds and cost.
+    metered: (f64, f64),
 }
 
 impl CallActor {
@@ -336,7 +348,46 @@ impl CallActor {
             replay_upto: 0,
             registered: false,
             ending: false,
+            ticket: None,
+            published_state: "",
+            ended_published: false,
+            speech_at: None,
+            metered: (0.0, 0.0),
             engine,
+        }
+    }
+
+    /// `connecting`, `active`, `reconnecting` or `ending`, as `/calls` and the events say.
+    fn state_name(&self) -> &'static str {
+        match (self.ending, self.leg_state) {
+            (true, _) => "ending",
+            (false, LegState::Ready) => "active",
+            (false, LegState::Connecting) => "connecting",
+            (false, LegState::Restarting) => "reconnecting",
+        }
+    }
+
+    /// `realtime`, `live` or `echo` (the metrics' `api` label).
+    fn api_label(&self) -> &'static str {
+        match self.engine.upstream() {
+            UpstreamKind::Echo => "echo",
+            UpstreamKind::OpenAi => self.engine.openai_config().api.as_str(),
+        }
+    }
+
+    /// A live event of this call (once it has a SID; never per audio frame).
+    fn publish(&self, event: CallEvent) {
+        if self.registered {
+            self.engine.events().publish(&self.call_sid, event);
+        }
+    }
+
+    /// Publishes the call's state when it changed.
+    fn sync_state(&mut self) {
+        let state = self.state_name();
+        if self.registered && state != self.published_state {
+            self.published_state = state;
+            self.publish(CallEvent::State { state });
         }
     }
 
@@ -411,6 +462,12 @@ impl CallActor {
                 truncated_ms,
                 interrupted_response,
             } => {
+                if let Some(heard) = self.speech_at.take() {
+                    self.engine.metrics().barge_in(heard.elapsed());
+                }
+                self.publish(CallEvent::BargeIn {
+                    heard_ms: truncated_ms.unwrap_or(0),
+                });
                 let truncated = match truncated_ms {
                     Some(ms) => format!("assistant item cut at {ms} ms"),
                     None => "nothing to truncate".into(),
@@ -559,6 +616,9 @@ impl CallActor {
         self.standby_ready = false;
         self.rollover_due = false;
         self.rollovers += 1;
+        self.publish(CallEvent::Rollover {
+            reason: "session_limit".into(),
+        });
         let old = self.leg.replace(new.clone());
         self.leg_no = leg_no;
         self.ready_since = Some(Instant::now());
@@ -618,6 +678,7 @@ impl CallActor {
     fn on_leg_ready(&mut self, leg_no: u32, ctx: &mut Context<Self>) {
         self.leg_was_ready = true;
         self.leg_state = LegState::Ready;
+        self.sync_state();
         self.ready_since = Some(Instant::now());
         let Some(leg) = self.leg.clone() else { return };
         // Caller audio goes leg to leg from now on.
@@ -656,6 +717,7 @@ impl CallActor {
             self.replay_upto = self.transcript.len();
         }
         let budget = self.restarts.max_restarts();
+        self.engine.metrics().upstream_failure(failure.class().as_str());
         let decision = self.restarts.on_leg_lost(&failure, ready_for, jitter());
         // Stop audio at the source first: the Twilio leg holds caller audio until a new leg,
         // and plays the hold audio meanwhile if a new leg is coming.
@@ -692,6 +754,12 @@ impl CallActor {
             Decision::Restart { attempt, delay_ms } => {
                 self.leg_no = self.next_leg_no();
                 self.leg_state = LegState::Restarting;
+                let reason = failure.code();
+                self.engine.metrics().upstream_restart(reason);
+                self.publish(CallEvent::Restart {
+                    reason: reason.into(),
+                });
+                self.sync_state();
                 log::warn!(
                     "{} AI leg lost: {failure}; restarting in {delay_ms} ms (attempt {attempt} of {budget}); the caller stays connected",
                     self.label
@@ -738,6 +806,11 @@ impl CallActor {
                 .find(|(cut, _)| cut == id)
                 .map(|(_, ms)| *ms)
         });
+        self.publish(CallEvent::Transcript {
+            role: role.as_str(),
+            text: text.clone(),
+            final_: true,
+        });
         self.transcript.push_back(TranscriptEntry {
             role,
             text,
@@ -771,6 +844,15 @@ impl CallActor {
             return;
         }
         self.ending = true;
+        self.sync_state();
+        if let Some(ticket) = self.ticket.take() {
+            self.engine
+                .metrics()
+                .call_ended(ticket, reason.code(), self.started.elapsed());
+        }
+        if reason == StopReason::BadStreamToken {
+            self.engine.metrics().rejected_request("bad_stream_token");
+        }
         self.engine.registry().do_send(CallEnded {
             reason: reason.code(),
         });
@@ -834,6 +916,20 @@ impl CallActor {
                     report: self.report(&reason, usage.as_ref()),
                 });
             }
+        }
+        if self.registered {
+            if let Some(usage) = &usage {
+                self.publish(CallEvent::usage(usage));
+            }
+            let report = self.report(&reason, usage.as_ref());
+            let mut totals = report["counters"].clone();
+            totals["duration_ms"] = report["duration_ms"].clone();
+            totals["cost_usd"] = report["cost_usd"].clone();
+            self.publish(CallEvent::Ended {
+                reason: reason.code().into(),
+                totals,
+            });
+            self.ended_published = true;
         }
         let c = &self.counters;
         let dropped = DroppedFrames::from(c.as_ref());
@@ -899,11 +995,29 @@ impl CallActor {
     }
 
     fn on_usage(&mut self, report: UsageReport, ctx: &mut Context<Self>) {
+        let api = self.api_label();
+        let metrics = self.engine.metrics().clone();
         let Some(meter) = self.usage.as_mut() else {
             return;
         };
+        let mut final_of = None;
         match report {
-            UsageReport::Tokens(tokens) => meter.add_tokens(&tokens),
+            UsageReport::Tokens(tokens) => {
+                meter.add_tokens(&tokens);
+                let model = meter.model().to_owned();
+                for (kind, n) in [
+                    ("input_text", tokens.input_text),
+                    ("input_audio", tokens.input_audio),
+                    ("cached_text", tokens.cached_text),
+                    ("cached_audio", tokens.cached_audio),
+                    ("output_text", tokens.output_text),
+                    ("output_audio", tokens.output_audio),
+                ] {
+                    if n > 0 {
+                        metrics.tokens(api, &model, kind, n);
+                    }
+                }
+            }
             UsageReport::Delegated {
                 model,
                 input_tokens,
@@ -912,11 +1026,29 @@ impl CallActor {
             } => meter.add_delegated(&model, input_tokens, cached_tokens, output_tokens),
             UsageReport::Seconds { leg, seconds, last } => {
                 meter.session_seconds(leg, seconds);
-                if last && self.awaiting_usage_of == Some(leg) {
-                    self.awaiting_usage_of = None;
-                    self.finish(ctx);
+                if last {
+                    final_of = Some(leg);
                 }
             }
+        }
+        // Seconds and cost into the metrics as they grow (a GPT-Live session's are cumulative).
+        let usage = meter.report(self.engine.prices());
+        let seconds = meter.seconds();
+        let (seen_seconds, seen_cost) = self.metered;
+        if seconds > seen_seconds {
+            metrics.model_seconds(api, &usage.model, seconds - seen_seconds);
+        }
+        let cost = usage.cost_usd.unwrap_or(0.0);
+        if cost > seen_cost {
+            metrics.cost_usd(api, &usage.model, cost - seen_cost);
+        }
+        self.metered = (seconds.max(seen_seconds), cost.max(seen_cost));
+        if !self.ending {
+            self.publish(CallEvent::usage(&usage));
+        }
+        if final_of.is_some() && self.awaiting_usage_of == final_of {
+            self.awaiting_usage_of = None;
+            self.finish(ctx);
         }
     }
 
@@ -1154,6 +1286,20 @@ impl CallActor {
             outcome.outcome,
             outcome.ms
         );
+        // Names the model made up are not configured tools: one label for them all.
+        let openai = self.engine.openai_config();
+        let known = openai.tools.iter().any(|t| t.name == name)
+            || openai.builtin_tools.iter().any(|b| b == name);
+        self.engine.metrics().tool_call(
+            if known { name } else { "unknown" },
+            &outcome.outcome,
+            Duration::from_millis(outcome.ms),
+        );
+        self.publish(CallEvent::ToolCall {
+            name: name.to_owned(),
+            outcome: outcome.outcome.clone(),
+            ms: outcome.ms,
+        });
         self.record(
             Role::Tool,
             format!("{name}: {} ({} ms)", outcome.outcome, outcome.ms),
@@ -1180,12 +1326,7 @@ impl CallActor {
         CallSnapshot {
             call_sid: self.call_sid.clone(),
             stream_sid: self.stream_sid.clone(),
-            state: match (self.ending, self.leg_state) {
-                (true, _) => "ending",
-                (false, LegState::Ready) => "active",
-                (false, LegState::Connecting) => "connecting",
-                (false, LegState::Restarting) => "reconnecting",
-            },
+            state: self.state_name(),
             started_at: self.started_at.format(&Rfc3339).unwrap_or_default(),
             duration_ms: self.started.elapsed().as_millis() as u64,
             from: self.from.clone(),
@@ -1247,6 +1388,11 @@ impl Actor for CallActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         log::debug!("{} media stream connected", self.label);
         self.engine.call_opened();
+        self.ticket = Some(
+            self.engine
+                .metrics()
+                .call_started(self.api_label(), self.counters.clone()),
+        );
         if self.engine.upstream() == UpstreamKind::OpenAi {
             let admission = self.engine.breaker().admit(Instant::now());
             match admission {
@@ -1273,6 +1419,14 @@ impl Actor for CallActor {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         self.leave();
+        if self.registered && !self.ended_published {
+            // Stopped without its end (the runtime shutting down): its event stream still ends.
+            self.ended_published = true;
+            self.publish(CallEvent::Ended {
+                reason: "shutdown".into(),
+                totals: serde_json::json!({}),
+            });
+        }
         self.engine.call_actor_stopped();
         if self.probe {
             // The probe ended before OpenAI answered either way: let another call probe.
@@ -1351,6 +1505,7 @@ impl Handler<StreamStarted> for CallActor {
             control: Some(ctx.address().recipient()),
         });
         self.registered = true;
+        self.sync_state();
     }
 }
 
@@ -1360,6 +1515,9 @@ impl Handler<Dtmf> for CallActor {
 
     fn handle(&mut self, msg: Dtmf, ctx: &mut Context<Self>) {
         log::info!("{} dtmf: {}", self.label, msg.digit);
+        self.publish(CallEvent::Dtmf {
+            digit: msg.digit.clone(),
+        });
         self.record(Role::Dtmf, msg.digit.clone(), None);
         self.turn_changed = Instant::now();
         self.apply(Event::Dtmf { digit: msg.digit }, ctx);
@@ -1403,6 +1561,7 @@ impl Handler<UpstreamEvent> for CallActor {
             }
             UpstreamEvent::SpeechStarted => {
                 self.turn_changed = Instant::now();
+                self.speech_at = Some(self.turn_changed);
                 self.apply(Event::SpeechStarted, ctx)
             }
             UpstreamEvent::SpeechStopped => {
@@ -1446,6 +1605,8 @@ impl Handler<UpstreamEvent> for CallActor {
             UpstreamEvent::Error { code, message } => {
                 self.upstream_errors += 1;
                 log::warn!("{} OpenAI error {code}: {message}", self.label);
+                self.engine.metrics().openai_error(&code);
+                self.publish(CallEvent::Error { code });
             }
             UpstreamEvent::Connected { .. }
             | UpstreamEvent::Ready { .. }

@@ -49,6 +49,10 @@ struct Inner {
     outbound: Mutex<std::collections::HashMap<String, PendingOutbound>>,
     /// Twilio's REST API, when the account is configured (set once at start-up).
     rest: std::sync::OnceLock<crate::twilio_rest::TwilioRest>,
+    /// Live events of every call (`/events`, `/calls/{sid}/events`).
+    events: Arc<crate::events::EventHub>,
+    /// Prometheus metrics (`/metrics`).
+    metrics: Arc<crate::metrics::Metrics>,
     /// Signs tool calls (`CALLBRIDGE_TOOLS_SECRET`; set once at start-up).
     tools_secret: std::sync::OnceLock<SecretString>,
     /// What ended calls used, since start.
@@ -81,6 +85,22 @@ pub struct UsageTotals {
     pub calls_without_price: u64,
 }
 
+/// Where calls report what they do, beside the registry: the live event hub and the metrics.
+pub struct Observers {
+    pub events: Arc<crate::events::EventHub>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Default for Observers {
+    /// The documented defaults (`events.replay_max` 100, `events.subscriber_queue` 256).
+    fn default() -> Self {
+        Observers {
+            events: Arc::new(crate::events::EventHub::new(100, 256)),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+        }
+    }
+}
+
 impl Engine {
     /// Checks the settings and that OpenAI mode has a key.
     pub fn new(
@@ -91,6 +111,7 @@ impl Engine {
         api_key: Option<SecretString>,
         stream_key: Option<SecretString>,
         prices: Prices,
+        observers: Observers,
     ) -> Result<Self, ConfigError> {
         prices
             .check()
@@ -127,12 +148,24 @@ impl Engine {
                 tools_secret: std::sync::OnceLock::new(),
                 outbound: Mutex::new(std::collections::HashMap::new()),
                 usage_totals: Mutex::new(UsageTotals::default()),
+                events: observers.events,
+                metrics: observers.metrics,
             }),
         })
     }
 
     pub fn registry(&self) -> &Addr<CallRegistry> {
         &self.inner.registry
+    }
+
+    /// Live events (Server-Sent Events).
+    pub fn events(&self) -> &Arc<crate::events::EventHub> {
+        &self.inner.events
+    }
+
+    /// Prometheus metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.inner.metrics
     }
 
     /// The process-wide breaker, for a call to consult and report to.
@@ -333,6 +366,7 @@ impl Engine {
                 track_marks,
                 stream_key: self.inner.stream_key.clone(),
                 hold_audio: self.inner.hold_audio.clone(),
+                metrics: Some(self.inner.metrics.clone()),
             },
             |twilio, counters| CallActor::new(engine, instance, twilio, counters),
         )

@@ -125,6 +125,8 @@ pub struct StreamOptions {
     pub stream_key: Option<Arc<SecretString>>,
     /// `call.hold_audio` in 20 ms payloads: played while the AI leg restarts.
     pub hold_audio: Option<Arc<[Bytes]>>,
+    /// Where the time to first audio and the playback lag go.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Upgrades `req` to the Media Streams websocket and starts the leg and the call that owns it:
@@ -156,6 +158,7 @@ where
     let mut leg = TwilioStreamActor::new(port, session, counters.clone(), cfg, options.track_marks);
     leg.stream_key = options.stream_key;
     leg.hold.clip = options.hold_audio;
+    leg.writer.metrics = options.metrics;
     leg_ctx.add_stream(stream);
     let leg_port = TwilioPort::of(&leg_ctx.address());
     leg_ctx.run(leg);
@@ -196,6 +199,9 @@ struct Writer {
     /// The socket is gone (a write failed), closing, or stalled: write nothing more.
     done: bool,
     counters: Arc<CallCounters>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Twilio's `start`, until the first assistant audio goes out (the time to first audio).
+    first_audio_from: Option<Instant>,
 }
 
 impl Writer {
@@ -242,6 +248,11 @@ impl Writer {
     fn publish(&mut self) {
         let c = &self.counters;
         let counts = self.playback.take_counts();
+        if counts.frames_out > 0 {
+            if let (Some(since), Some(metrics)) = (self.first_audio_from.take(), &self.metrics) {
+                metrics.first_audio(since.elapsed());
+            }
+        }
         CallCounters::add(&c.frames_out, counts.frames_out);
         CallCounters::add(&c.dropped_pre_start, counts.dropped_pre_start);
         CallCounters::add(&c.dropped_interrupted, counts.dropped_interrupted);
@@ -323,6 +334,8 @@ impl TwilioStreamActor {
                 echo_awaited_since: None,
                 done: false,
                 counters: counters.clone(),
+                metrics: None,
+                first_audio_from: None,
             },
             counters,
             session,
@@ -424,7 +437,11 @@ impl TwilioStreamActor {
             }
             Ok(TwilioEvent::Mark { name }) => {
                 let writer = &mut self.writer;
-                writer.playback.on_mark(&name);
+                if let Some(lag) = writer.playback.on_mark(&name) {
+                    if let Some(metrics) = &writer.metrics {
+                        metrics.playback_lag(lag);
+                    }
+                }
                 writer.echo_awaited_since =
                     (writer.playback.marks_pending() > 0).then(Instant::now);
                 writer.publish();
@@ -458,6 +475,7 @@ impl TwilioStreamActor {
                 {
                     let writer = &mut self.writer;
                     writer.outbound = Some(Outbound::new(&start.stream_sid));
+                    writer.first_audio_from = Some(Instant::now());
                     writer.playback.start();
                     self.flush(ctx);
                 }

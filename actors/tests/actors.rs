@@ -165,6 +165,7 @@ fn engine() -> Engine {
         None,
         None,
         Default::default(),
+        Default::default(),
     )
     .expect("valid settings")
 }

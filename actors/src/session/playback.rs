@@ -98,6 +98,8 @@ struct PendingMark {
     item_id: Arc<str>,
     /// `sent_total` when the mark was sent.
     total: u64,
+    /// When it was sent (for the playback lag).
+    sent_at: std::time::Instant,
 }
 
 #[derive(Debug)]
@@ -246,6 +248,7 @@ impl Playback {
             item_bytes,
             item_id,
             total: self.sent_total,
+            sent_at: std::time::Instant::now(),
         });
         mark_name(self.generation, self.seq)
     }
@@ -266,17 +269,19 @@ impl Playback {
         Some(self.new_mark(item_bytes, item_id))
     }
 
-    /// Twilio echoed a mark.
-    pub fn on_mark(&mut self, name: &str) {
+    /// Twilio echoed a mark: how long after it was sent (the playback lag), when it was one of
+    /// ours still pending.
+    pub fn on_mark(&mut self, name: &str) -> Option<std::time::Duration> {
         let Some((generation, seq)) = parse_mark_name(name) else {
             self.counts.marks_ignored += 1;
-            return;
+            return None;
         };
         if generation != self.generation {
             // Flushed by a `clear`: Twilio echoes pending marks without playing their audio.
             self.counts.marks_ignored += 1;
-            return;
+            return None;
         }
+        let mut lag = None;
         // Twilio echoes marks in the order sent; an echo also confirms every earlier mark.
         while let Some(front) = self.marks.front() {
             if front.seq > seq {
@@ -284,6 +289,9 @@ impl Playback {
             }
             // invariant: front() just returned Some.
             let mark = self.marks.pop_front().expect("front exists");
+            if mark.seq == seq {
+                lag = Some(mark.sent_at.elapsed());
+            }
             self.counts.marks_played += 1;
             self.confirmed_total = self.confirmed_total.max(mark.total);
             if let Some(playing) = self.playing.as_mut() {
@@ -292,6 +300,7 @@ impl Playback {
                 }
             }
         }
+        lag
     }
 
     /// Barge-in: see the module docs. `in_flight` is the response still being generated, whose

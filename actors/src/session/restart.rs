@@ -62,7 +62,32 @@ pub enum FailureClass {
     Permanent,
 }
 
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Retry => "retry",
+            FailureClass::RestartNow => "restart_now",
+            FailureClass::Permanent => "permanent",
+        }
+    }
+}
+
 impl LegFailure {
+    /// A short name of the kind of failure (a metrics label, an event's `reason`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            LegFailure::Connect(_) => "connect",
+            LegFailure::HandshakeStatus { .. } => "handshake_status",
+            LegFailure::NotConfigured { .. } => "not_configured",
+            LegFailure::SessionRejected(_) => "session_rejected",
+            LegFailure::Fatal { .. } => "fatal_error",
+            LegFailure::Closed { .. } => "closed",
+            LegFailure::Protocol(_) => "protocol",
+            LegFailure::Stalled { .. } => "stalled",
+            LegFailure::SessionEnded { .. } => "session_ended",
+        }
+    }
+
     pub fn class(&self) -> FailureClass {
         match self {
             LegFailure::HandshakeStatus { status } => match status {

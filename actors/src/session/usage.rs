@@ -215,6 +215,10 @@ impl UsageMeter {
         self.sessions.iter().fold(0.0, |total, (_, s)| total + s)
     }
 
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     pub fn tokens(&self) -> TokenUsage {
         self.tokens
     }
