@@ -297,6 +297,7 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
                 usage_every_ms: args.number("usage-every-ms", defaults.usage_every_ms)?,
                 session_secs: args.number("session-secs", defaults.session_secs)?,
                 pace_output: !args.flag("no-pace"),
+                ..defaults
             };
             if config.session_secs == 0 {
                 bail!("--session-secs must be at least 1");
