@@ -2,6 +2,7 @@
 //! messages, protocols) is the `callbridge-actors` crate in `actors/`.
 
 pub mod admin;
+pub mod logging;
 pub mod routes;
 pub mod settings;
 

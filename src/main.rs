@@ -28,11 +28,7 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or(settings.log.level.as_str()),
-    )
-    .format_timestamp_millis()
-    .init();
+    callbridge::logging::init(&settings.log.level, settings.log.format);
 
     actix_web::rt::System::new().block_on(async move {
         let host = settings.server.host.clone();

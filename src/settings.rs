@@ -142,12 +142,15 @@ impl Default for FallbackSettings {
 pub struct LogSettings {
     /// `error`, `warn`, `info`, `debug` or `trace` (`RUST_LOG` wins when set).
     pub level: String,
+    /// `text` (human-readable lines) or `json` (one JSON object per line).
+    pub format: crate::logging::LogFormat,
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            format: crate::logging::LogFormat::Text,
         }
     }
 }
@@ -473,6 +476,22 @@ mod tests {
         assert_eq!(s.server.host, d.server.host);
         assert_eq!(s.upstream, d.upstream);
         assert_eq!(s.prices, d.prices);
+        assert_eq!(s.log.format, d.log.format);
+    }
+
+    #[test]
+    fn the_log_format_is_text_json_or_named_as_wrong() {
+        use crate::logging::LogFormat;
+        assert_eq!(Settings::default().log.format, LogFormat::Text);
+        let s = load_toml("[log]\nformat = \"json\"\n").unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+        let s = Settings::load_from(None, env(&[("CALLBRIDGE__LOG__FORMAT", "json")])).unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+        let err = load_toml("[log]\nformat = \"xml\"\n").unwrap_err();
+        assert!(err.to_string().contains("log.format"), "{err}");
+        let err =
+            Settings::load_from(None, env(&[("CALLBRIDGE__LOG__FORMAT", "yaml")])).unwrap_err();
+        assert!(err.to_string().contains("log.format"), "{err}");
     }
 
     #[test]

@@ -36,12 +36,17 @@ USAGE:
       through callbridge's [[tools]]), and waits for its output.
   callbridge-sim fake-openai --api live [--port 9090] [--host 127.0.0.1]
         [--transcript-every-ms 1000] [--usage-every-ms 10000] [--session-secs 3600]
-        [--no-pace] [--require-key] [--threads 2]
+        [--no-pace] [--tool-call-every-ms 0 --tool-call NAME:JSON] [--require-key]
+        [--threads 2]
       A fake GPT-Live server at ws://HOST:PORT/v1/live/sessions, as strict as the tests' one:
       answers session.start, echoes each session.input_audio.append as a
       session.output_audio.delta at real-time pace (a burst comes back spread out; --no-pace
       echoes at once), sends an output transcript fragment and a session.usage.updated
-      every so often, and answers session.close with session.closed and the usage.
+      every so often, and answers session.close with session.closed and the usage; with
+      --tool-call-every-ms, in sessions with Responses delegation, the backend calls the
+      tool NAME with the JSON arguments every so often (session.delegation.created, then a
+      function_call), waits for its output, and answers its response.create with
+      response.completed and a transcript fragment quoting the output.
   callbridge-sim load --url URL --calls N --seconds S [--ramp-ms 1000] [--pid PID]
         [--protocol twilio|openai|live] [--warmup-ms 1000] [--drain-ms 2000]
         [--settle-ms 2000] [--threads 2] [--json report.json]
@@ -245,20 +250,35 @@ fn required_key(args: &Args) -> anyhow::Result<Option<String>> {
     }
 }
 
-fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
+/// `--tool-call NAME` or `--tool-call NAME:JSON-ARGUMENTS` (arguments `{}` when none).
+fn tool_call(args: &Args) -> anyhow::Result<Option<(String, String)>> {
+    let Some(spec) = args.get("tool-call") else {
+        return Ok(None);
+    };
+    let (name, arguments) = spec.split_once(':').unwrap_or((spec, "{}"));
+    serde_json::from_str::<serde_json::Value>(arguments)
+        .map_err(|_| anyhow!("--tool-call {spec}: expected NAME or NAME:JSON-ARGUMENTS"))?;
+    Ok(Some((name.to_owned(), arguments.to_owned())))
+}
+
+/// `fake-openai`'s options: which fake, configured.
+fn fake_upstream(args: &Args) -> anyhow::Result<(FakeApi, Upstream)> {
     let api = match args.get("api") {
         None | Some("realtime") => FakeApi::Realtime,
         Some("live") => FakeApi::Live,
         Some(other) => bail!("--api {other}: expected realtime or live"),
     };
-    let common = ["api", "port", "host", "require-key", "threads"];
+    let common = [
+        "api",
+        "port",
+        "host",
+        "require-key",
+        "threads",
+        "tool-call-every-ms",
+        "tool-call",
+    ];
     let own: &[&str] = match api {
-        FakeApi::Realtime => &[
-            "turn-ms",
-            "barge-in-every-ms",
-            "tool-call-every-ms",
-            "tool-call",
-        ],
+        FakeApi::Realtime => &["turn-ms", "barge-in-every-ms"],
         FakeApi::Live => &[
             "transcript-every-ms",
             "usage-every-ms",
@@ -267,25 +287,16 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
         ],
     };
     args.only(&[&common[..], own].concat())?;
-    let host = args.get("host").unwrap_or("127.0.0.1").to_owned();
-    let port: u16 = args.number("port", 9090)?;
     let api_key = required_key(args)?;
+    let tool_call_every_ms = args.number("tool-call-every-ms", 0)?;
+    let tool_call = tool_call(args)?;
     let upstream = match api {
         FakeApi::Realtime => Upstream::Realtime(EchoConfig {
             turn_ms: args.number("turn-ms", 5000)?,
             barge_in_every_ms: args.number("barge-in-every-ms", 0)?,
             api_key,
-            tool_call_every_ms: args.number("tool-call-every-ms", 0)?,
-            tool_call: match args.get("tool-call") {
-                None => None,
-                Some(spec) => {
-                    let (name, arguments) = spec.split_once(':').unwrap_or((spec, "{}"));
-                    serde_json::from_str::<serde_json::Value>(arguments).map_err(|_| {
-                        anyhow!("--tool-call {spec}: expected NAME or NAME:JSON-ARGUMENTS")
-                    })?;
-                    Some((name.to_owned(), arguments.to_owned()))
-                }
-            },
+            tool_call_every_ms,
+            tool_call,
             ..EchoConfig::default()
         }),
         FakeApi::Live => {
@@ -297,6 +308,8 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
                 usage_every_ms: args.number("usage-every-ms", defaults.usage_every_ms)?,
                 session_secs: args.number("session-secs", defaults.session_secs)?,
                 pace_output: !args.flag("no-pace"),
+                tool_call_every_ms,
+                tool_call,
             };
             if config.session_secs == 0 {
                 bail!("--session-secs must be at least 1");
@@ -304,6 +317,13 @@ fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
             Upstream::Live(config)
         }
     };
+    Ok((api, upstream))
+}
+
+fn cmd_fake_openai(args: &Args) -> anyhow::Result<()> {
+    let (api, upstream) = fake_upstream(args)?;
+    let host = args.get("host").unwrap_or("127.0.0.1").to_owned();
+    let port: u16 = args.number("port", 9090)?;
     let (name, path) = match api {
         FakeApi::Realtime => ("fake-openai", "/v1/realtime"),
         FakeApi::Live => ("fake-openai (GPT-Live)", fake_live::PATH),
@@ -430,5 +450,73 @@ fn main() {
     if let Err(e) = result {
         eprintln!("callbridge-sim: {e:#}\n\n{}", usage());
         std::process::exit(2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::parse(list.iter().map(|s| (*s).to_owned())).expect("parses")
+    }
+
+    fn live(list: &[&str]) -> anyhow::Result<LiveEchoConfig> {
+        match fake_upstream(&args(list))? {
+            (FakeApi::Live, Upstream::Live(config)) => Ok(config),
+            _ => panic!("not the live fake"),
+        }
+    }
+
+    fn realtime(list: &[&str]) -> anyhow::Result<EchoConfig> {
+        match fake_upstream(&args(list))? {
+            (FakeApi::Realtime, Upstream::Realtime(config)) => Ok(config),
+            _ => panic!("not the realtime fake"),
+        }
+    }
+
+    /// Both fakes take `--tool-call-every-ms N --tool-call NAME:JSON`, parsed the same way.
+    #[test]
+    fn both_fakes_take_the_tool_flags() {
+        let flags = [
+            "--tool-call-every-ms",
+            "2000",
+            "--tool-call",
+            r#"lookup_order:{"order_id":"A123"}"#,
+        ];
+        let expected = Some((
+            "lookup_order".to_owned(),
+            r#"{"order_id":"A123"}"#.to_owned(),
+        ));
+        let config = live(&[&["--api", "live"][..], &flags].concat()).unwrap();
+        assert_eq!(config.tool_call_every_ms, 2000);
+        assert_eq!(config.tool_call, expected);
+        assert!(config.pace_output, "the other options keep their defaults");
+        let config = realtime(&flags).unwrap();
+        assert_eq!(config.tool_call_every_ms, 2000);
+        assert_eq!(config.tool_call, expected);
+        // A bare name gets empty arguments.
+        let config = live(&["--api", "live", "--tool-call", "ping"]).unwrap();
+        assert_eq!(config.tool_call, Some(("ping".into(), "{}".into())));
+        assert_eq!(config.tool_call_every_ms, 0, "off by default");
+        let config = live(&["--api", "live"]).unwrap();
+        assert_eq!((config.tool_call_every_ms, config.tool_call), (0, None));
+    }
+
+    #[test]
+    fn bad_tool_flags_are_refused() {
+        for api in ["live", "realtime"] {
+            let err = fake_upstream(&args(&["--api", api, "--tool-call", "f:{nope"]))
+                .err()
+                .unwrap();
+            assert!(err.to_string().contains("NAME:JSON-ARGUMENTS"), "{err}");
+            let err = fake_upstream(&args(&["--api", api, "--tool-call-every-ms", "x"]))
+                .err()
+                .unwrap();
+            assert!(err.to_string().contains("tool-call-every-ms"), "{err}");
+        }
+        // Each API's own options stay its own.
+        assert!(fake_upstream(&args(&["--api", "live", "--turn-ms", "5"])).is_err());
+        assert!(fake_upstream(&args(&["--no-pace"])).is_err());
     }
 }

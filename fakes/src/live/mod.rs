@@ -33,7 +33,8 @@
 //!   as GPT-Live's output does (§4.2: input that arrives in real time comes straight back, a
 //!   burst comes back spread out, see [`LiveEchoConfig::pace_output`]), with an output
 //!   transcript fragment every `transcript_every_ms` and a usage update every
-//!   `usage_every_ms`; `session.close` gets `session.closed` with the usage (after the output
+//!   `usage_every_ms`; with Responses delegation, a function call every
+//!   `tool_call_every_ms` (see [`LiveEchoConfig::tool_call`]); `session.close` gets `session.closed` with the usage (after the output
 //!   still queued). Nothing is recorded and appends build no JSON tree: the benchmark's floor
 //!   for this backend.
 //!
@@ -90,6 +91,15 @@ pub struct LiveEchoConfig {
     /// [`PACE_SLACK`] ahead of real time, and the events after it wait their turn. Off, every
     /// append is echoed at once (a Realtime-like burst).
     pub pace_output: bool,
+    /// Every this many ms of caller audio, the model delegates to its Responses backend, whose
+    /// function call `tool_call` (name, arguments JSON) comes to the service (§9.2); the model
+    /// then waits for that call's output before it calls again (the audio in between does not
+    /// count), and answers the output's `response.create` with `response.completed` and an
+    /// output transcript fragment quoting it. Only in sessions started with Responses
+    /// delegation (with client delegation the real server sends no function calls). 0 (the
+    /// default): never.
+    pub tool_call_every_ms: u64,
+    pub tool_call: Option<(String, String)>,
 }
 
 impl Default for LiveEchoConfig {
@@ -100,6 +110,8 @@ impl Default for LiveEchoConfig {
             usage_every_ms: 10_000,
             session_secs: DEFAULT_SESSION_SECS,
             pace_output: true,
+            tool_call_every_ms: 0,
+            tool_call: None,
         }
     }
 }

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::{
     lock,
     server::{Handshake, SessionCore},
-    session::{AppendKind, Call, Closer, Out, SessionState, TextAppend},
+    session::{AppendKind, Closer, Out, SessionState, TextAppend},
     LiveError, DEFAULT_TIMEOUT, POLL,
 };
 
@@ -410,44 +410,24 @@ impl FakeLiveSession {
     }
 
     fn delegate(&self, id: &str, target: &str, response_id: Option<&str>) {
-        let mut st = self.state();
-        st.delegations.insert(id.to_owned(), target.to_owned());
-        let mut delegation = json!({"type": "delegation", "id": id, "target": target});
-        if let Some(response_id) = response_id {
-            delegation["response_id"] = response_id.into();
-        }
-        let offset_ms = st.timeline_ms();
-        st.emit(
-            json!({"type": "session.delegation.created", "offset_ms": offset_ms,
-            "delegation": delegation}),
-        );
+        self.state().delegate(id, target, response_id);
     }
 
     /// A `response.event` wrapping a backend Responses streaming event; a `sequence_number`
     /// is added when the event has none.
-    pub fn response_event(&self, delegation_id: &str, mut event: Value) {
+    pub fn response_event(&self, delegation_id: &str, event: Value) {
         let mut st = self.state();
         assert!(
             st.delegations.contains_key(delegation_id),
             "FakeLiveSession::response_event: no delegation '{delegation_id}' was scripted"
         );
-        if event.get("sequence_number").is_none() {
-            event["sequence_number"] = st.response_seq.into();
-        }
-        st.response_seq += 1;
-        st.emit(
-            json!({"type": "response.event", "delegation_id": delegation_id,
-            "event": event}),
-        );
+        st.response_event(delegation_id, event);
     }
 
     /// A completed function call of the backend (`response.output_item.done`, item
     /// `function_call`, status `completed`, §9.2): the service must answer it with one
     /// `response.item.create` `function_call_output` and a `response.create`.
     pub fn function_call(&self, delegation_id: &str, call_id: &str, name: &str, arguments: &str) {
-        self.state()
-            .calls
-            .insert(call_id.to_owned(), Call { answered: false });
         self.function_call_item(delegation_id, call_id, name, arguments, "completed");
     }
 
@@ -471,26 +451,22 @@ impl FakeLiveSession {
         arguments: &str,
         status: &str,
     ) {
-        let item = json!({"type": "function_call", "id": format!("fc_{call_id}"),
-            "call_id": call_id, "name": name, "arguments": arguments, "status": status});
-        self.response_event(
-            delegation_id,
-            json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        let mut st = self.state();
+        assert!(
+            st.delegations.contains_key(delegation_id),
+            "FakeLiveSession::function_call: no delegation '{delegation_id}' was scripted"
         );
+        st.function_call_item(delegation_id, call_id, name, arguments, status);
     }
 
     /// The backend response is over (`response.completed`, with token usage).
     pub fn response_completed(&self, delegation_id: &str, response_id: &str) {
-        let response = json!({"id": response_id, "object": "response", "created_at": 0,
-            "model": "gpt-5.5", "status": "completed", "output": [], "tools": [],
-            "tool_choice": "auto", "parallel_tool_calls": true,
-            "usage": {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens": 10, "output_tokens_details": {"reasoning_tokens": 0},
-                      "total_tokens": 110}});
-        self.response_event(
-            delegation_id,
-            json!({"type": "response.completed", "response": response}),
+        let mut st = self.state();
+        assert!(
+            st.delegations.contains_key(delegation_id),
+            "FakeLiveSession::response_completed: no delegation '{delegation_id}' was scripted"
         );
+        st.response_completed(delegation_id, response_id);
     }
 
     // ----- usage, errors and the end of the session

@@ -145,6 +145,16 @@ pub(crate) struct Call {
     pub(crate) answered: bool,
 }
 
+/// A function call echo mode scripted (§9.2), from its delegation to its `response.completed`.
+#[derive(Clone, Debug)]
+struct EchoCall {
+    delegation_id: String,
+    response_id: String,
+    call_id: String,
+    /// The service's `function_call_output`, once it came.
+    output: Option<String>,
+}
+
 /// What `session.start` fixed (§2).
 #[derive(Clone, Debug)]
 pub(crate) struct Started {
@@ -248,6 +258,14 @@ pub(crate) struct SessionState {
     // ----- echo mode
     echo_since_transcript: usize,
     echo_since_usage: usize,
+    /// Caller audio since the last scripted function call, bytes (not counted while a call
+    /// waits for its output).
+    echo_since_tool: usize,
+    /// Function calls scripted so far (the number in their ids).
+    echo_tool_calls: u64,
+    /// Scripted calls not completed yet: waiting for their output, or answered and waiting
+    /// for the `response.create` that lets the backend finish.
+    echo_calls: Vec<EchoCall>,
     /// Reused by every append: decoding needs no allocation per frame.
     scratch: Vec<u8>,
 }
@@ -306,6 +324,9 @@ impl SessionState {
             closed_before_session_closed: false,
             echo_since_transcript: 0,
             echo_since_usage: 0,
+            echo_since_tool: 0,
+            echo_tool_calls: 0,
+            echo_calls: Vec::new(),
             scratch: Vec::new(),
         }
     }
@@ -533,6 +554,71 @@ impl SessionState {
         self.usage_sent = seconds;
     }
 
+    /// `session.delegation.created` (§9) at the current timeline position; the delegation is
+    /// remembered (appends and outputs are judged against it).
+    pub(crate) fn delegate(&mut self, id: &str, target: &str, response_id: Option<&str>) {
+        self.delegations.insert(id.to_owned(), target.to_owned());
+        let mut delegation = json!({"type": "delegation", "id": id, "target": target});
+        if let Some(response_id) = response_id {
+            delegation["response_id"] = response_id.into();
+        }
+        let offset_ms = self.timeline_ms();
+        self.emit(
+            json!({"type": "session.delegation.created", "offset_ms": offset_ms,
+            "delegation": delegation}),
+        );
+    }
+
+    /// A `response.event` wrapping a backend Responses streaming event (§9.2); a
+    /// `sequence_number` is added when the event has none.
+    pub(crate) fn response_event(&mut self, delegation_id: &str, mut event: Value) {
+        if event.get("sequence_number").is_none() {
+            event["sequence_number"] = self.response_seq.into();
+        }
+        self.response_seq += 1;
+        self.emit(
+            json!({"type": "response.event", "delegation_id": delegation_id,
+            "event": event}),
+        );
+    }
+
+    /// A backend function call (`response.output_item.done`, item `function_call`, §9.2). A
+    /// `completed` one is registered: the service owes it exactly one output; any other
+    /// status (cut short) is not, and an output for it is refused.
+    pub(crate) fn function_call_item(
+        &mut self,
+        delegation_id: &str,
+        call_id: &str,
+        name: &str,
+        arguments: &str,
+        status: &str,
+    ) {
+        if status == "completed" {
+            self.calls
+                .insert(call_id.to_owned(), Call { answered: false });
+        }
+        let item = json!({"type": "function_call", "id": format!("fc_{call_id}"),
+            "call_id": call_id, "name": name, "arguments": arguments, "status": status});
+        self.response_event(
+            delegation_id,
+            json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        );
+    }
+
+    /// The backend response is over (`response.completed`, with token usage, §9.2).
+    pub(crate) fn response_completed(&mut self, delegation_id: &str, response_id: &str) {
+        let response = json!({"id": response_id, "object": "response", "created_at": 0,
+            "model": "gpt-5.5", "status": "completed", "output": [], "tools": [],
+            "tool_choice": "auto", "parallel_tool_calls": true,
+            "usage": {"input_tokens": 100, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": 10, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": 110}});
+        self.response_event(
+            delegation_id,
+            json!({"type": "response.completed", "response": response}),
+        );
+    }
+
     /// Runs a timer the connection scheduled.
     pub(crate) fn fire(&mut self, timer: Timer) -> Handled {
         let mut handled = Handled::default();
@@ -711,6 +797,9 @@ impl SessionState {
                 if self.admit(kind) {
                     self.require_responses(kind)?;
                     self.response_creates += 1;
+                    if self.echo.is_some() {
+                        self.echo_complete_answered();
+                    }
                 }
                 Ok(())
             }
@@ -1046,6 +1135,9 @@ impl SessionState {
                 }
                 Some(call) => call.answered = true,
             }
+            if let Some(call) = self.echo_calls.iter_mut().find(|c| c.call_id == call_id) {
+                call.output = Some(item["output"].as_str().unwrap_or_default().to_owned());
+            }
         }
         if self.recording() {
             self.item_creates.push(item.clone());
@@ -1092,6 +1184,68 @@ impl SessionState {
             self.echo_since_usage = 0;
             let seconds = self.usage_now();
             self.send_usage(seconds, None);
+        }
+        if echo.tool_call_every_ms > 0 {
+            if let Some((name, arguments)) = &echo.tool_call {
+                let every = echo.tool_call_every_ms as usize * per_ms;
+                self.echo_tool_tick(name, arguments, bytes, every);
+            }
+        }
+    }
+
+    /// Counts caller audio towards the next function call and scripts it when due: with
+    /// Responses delegation, `session.delegation.created` then the backend's completed
+    /// `function_call` (registered, so its output is judged like a scripted one's). While a
+    /// call waits for its output, the model waits too.
+    fn echo_tool_tick(&mut self, name: &str, arguments: &str, bytes: usize, every: usize) {
+        if self.echo_calls.iter().any(|c| c.output.is_none()) {
+            return;
+        }
+        self.echo_since_tool += bytes;
+        if self.echo_since_tool < every {
+            return;
+        }
+        self.echo_since_tool = 0;
+        if self.delegation_type() != "responses" {
+            return; // client delegation: the server sends no function calls
+        }
+        self.echo_tool_calls += 1;
+        let n = self.echo_tool_calls;
+        let call = EchoCall {
+            delegation_id: format!("dlg_echo{:02}_{n}", self.index),
+            response_id: format!("resp_echo{:02}_{n}", self.index),
+            call_id: format!("call_echo{:02}_{n}", self.index),
+            output: None,
+        };
+        self.delegate(&call.delegation_id, "responses", Some(&call.response_id));
+        self.function_call_item(
+            &call.delegation_id,
+            &call.call_id,
+            name,
+            arguments,
+            "completed",
+        );
+        self.echo_calls.push(call);
+    }
+
+    /// A `response.create` lets the backend finish the delegations whose calls have their
+    /// output: `response.completed`, then the live model says what the tool said (an output
+    /// transcript fragment), so the round trip shows in the service's transcript.
+    fn echo_complete_answered(&mut self) {
+        if !self.echo_calls.iter().any(|c| c.output.is_some()) {
+            return;
+        }
+        let (done, waiting) = std::mem::take(&mut self.echo_calls)
+            .into_iter()
+            .partition(|c| c.output.is_some());
+        self.echo_calls = waiting;
+        for call in done {
+            self.response_completed(&call.delegation_id, &call.response_id);
+            let output = call.output.unwrap_or_default();
+            let said: String = output.chars().take(60).collect();
+            let at = self.timeline_ms();
+            self.emit(json!({"type": "session.output_transcript.delta",
+                "delta": format!(" tool said: {said}"), "start_ms": at, "end_ms": at}));
         }
     }
 }

@@ -1086,3 +1086,144 @@ fn echo_deltas_carry_their_duration() {
     assert!(!h.st.paces_output());
     assert!(!Harness::started().st.paces_output(), "scripted mode");
 }
+
+/// A `session.start` with Responses delegation (§9.2) and one function tool.
+fn responses_start() -> String {
+    start_with(&session_with(
+        r#""delegation":{"type":"responses","responses":{"model":"gpt-5.5","instructions":"Backend.","tools":[{"type":"function","name":"lookup_order","description":"Look it up.","parameters":{"type":"object","properties":{}}}],"tool_choice":"auto"}}"#,
+    ))
+}
+
+/// Echo mode calling `lookup_order` every 40 ms of caller audio (no fragments, no usage).
+fn echo_tools(start: &str) -> Harness {
+    Harness::started_with(
+        Some(LiveEchoConfig {
+            transcript_every_ms: 0,
+            usage_every_ms: 0,
+            tool_call_every_ms: 40,
+            tool_call: Some(("lookup_order".into(), r#"{"order_id":"A1"}"#.into())),
+            ..LiveEchoConfig::default()
+        }),
+        start,
+    )
+}
+
+fn output_for(call_id: &str, output: &str) -> String {
+    json!({"type": "response.item.create", "event_id": "cb_t",
+        "item": {"type": "function_call_output", "call_id": call_id, "output": output}})
+    .to_string()
+}
+
+/// Echo mode with Responses delegation: after every 40 ms of caller audio, a delegation and
+/// its completed function call (§9.2); nothing more until the output comes; the output's
+/// `response.create` gets `response.completed` and a transcript fragment quoting the output;
+/// outputs are judged as in scripted mode.
+#[test]
+fn echo_mode_scripts_tool_calls() {
+    let mut h = echo_tools(&responses_start());
+    let frame = frame_b64();
+    assert_eq!(h.accepts(&append(&frame)).len(), 1, "20 ms: audio only");
+    let events = h.accepts(&append(&frame));
+    let types: Vec<_> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "session.output_audio.delta",
+            "session.delegation.created",
+            "response.event"
+        ]
+    );
+    let delegation = &events[1]["delegation"];
+    assert_eq!(delegation["type"], "delegation");
+    assert_eq!(delegation["target"], "responses");
+    assert_eq!(events[1]["offset_ms"], 40);
+    let dlg = delegation["id"].as_str().unwrap().to_owned();
+    let resp = delegation["response_id"].as_str().unwrap().to_owned();
+    assert!(
+        dlg.starts_with("dlg_") && resp.starts_with("resp_"),
+        "{delegation}"
+    );
+    assert_eq!(events[2]["delegation_id"], dlg.as_str());
+    let inner = &events[2]["event"];
+    assert_eq!(inner["type"], "response.output_item.done");
+    assert!(inner["sequence_number"].is_u64());
+    let item = &inner["item"];
+    let call_id = item["call_id"].as_str().unwrap().to_owned();
+    assert!(call_id.starts_with("call_"), "{item}");
+    assert_eq!(item["type"], "function_call");
+    assert_eq!(item["name"], "lookup_order");
+    assert_eq!(item["arguments"], r#"{"order_id":"A1"}"#);
+    assert_eq!(item["status"], "completed");
+
+    // The model waits for the output: no second call, however long the caller talks.
+    for _ in 0..5 {
+        assert_eq!(h.accepts(&append(&frame)).len(), 1);
+    }
+    h.rejects(&output_for("call_unknown", "{}"), "invalid_value");
+    let long = format!(r#"{{"status":"shipped","note":"{}"}}"#, "x".repeat(100));
+    assert!(h.accepts(&output_for(&call_id, &long)).is_empty());
+    let error = h.rejects(&output_for(&call_id, "{}"), "invalid_value");
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("one output per call"));
+
+    let events = h.accepts(r#"{"type":"response.create","event_id":"cb_r"}"#);
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[0]["type"], "response.event");
+    assert_eq!(events[0]["delegation_id"], dlg.as_str());
+    let completed = &events[0]["event"];
+    assert_eq!(completed["type"], "response.completed");
+    assert_eq!(completed["response"]["id"], resp.as_str());
+    assert_eq!(completed["response"]["status"], "completed");
+    assert!(completed["response"]["usage"]["total_tokens"].is_u64());
+    assert_eq!(events[1]["type"], "session.output_transcript.delta");
+    let said: String = long.chars().take(60).collect();
+    assert_eq!(events[1]["delta"], format!(" tool said: {said}"));
+    assert_eq!(events[1]["end_ms"], 7 * 20);
+    // Nothing more to complete.
+    assert!(h
+        .accepts(r#"{"type":"response.create","event_id":"cb_r2"}"#)
+        .is_empty());
+
+    // The next call comes 40 ms of audio later, with fresh ids.
+    assert_eq!(h.accepts(&append(&frame)).len(), 1);
+    let events = h.accepts(&append(&frame));
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_ne!(events[1]["delegation"]["id"], dlg.as_str());
+    assert_ne!(events[1]["delegation"]["response_id"], resp.as_str());
+    assert_ne!(events[2]["event"]["item"]["call_id"], call_id.as_str());
+    assert!(h.st.log.is_empty(), "echo mode records nothing");
+}
+
+/// With client delegation the server sends no function calls: echo mode scripts none and
+/// keeps nothing.
+#[test]
+fn echo_mode_scripts_no_tool_call_with_client_delegation() {
+    let mut h = echo_tools(START);
+    for _ in 0..10 {
+        let events = h.accepts(&append(&frame_b64()));
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["type"], "session.output_audio.delta");
+    }
+    assert!(h.st.delegations.is_empty() && h.st.calls.is_empty());
+    assert!(h.st.echo_calls.is_empty());
+}
+
+/// Without `tool_call` (or at 0 ms), no calls either.
+#[test]
+fn echo_mode_tool_calls_are_off_by_default() {
+    let mut h = Harness::started_with(
+        Some(LiveEchoConfig {
+            transcript_every_ms: 0,
+            usage_every_ms: 0,
+            tool_call_every_ms: 20,
+            ..LiveEchoConfig::default()
+        }),
+        &responses_start(),
+    );
+    for _ in 0..5 {
+        assert_eq!(h.accepts(&append(&frame_b64())).len(), 1);
+    }
+    assert_eq!(h.st.echo_since_tool, 0, "nothing counted");
+}
