@@ -1,6 +1,7 @@
 //! callbridge's HTTP shell: settings, routes, start-up and shutdown. The call engine (actors,
 //! messages, protocols) is the `callbridge-actors` crate in `actors/`.
 
+pub mod dashboard;
 pub mod routes;
 pub mod settings;
 

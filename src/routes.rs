@@ -8,6 +8,7 @@
 //! | `GET /ready` | 200 while new calls are taken, 503 while draining |
 //! | `GET /calls` | every live call |
 //! | `GET /calls/{call_sid}` | one live call with its transcript |
+//! | `GET /` | the operator dashboard (static files; its data from the routes above) |
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -102,7 +103,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/calls/{call_sid}", web::get().to(get_call))
         .route("/calls/{call_sid}/hangup", web::post().to(hangup))
         .route("/calls/{call_sid}/transfer", web::post().to(transfer))
-        .route("/calls/{call_sid}/say", web::post().to(say));
+        .route("/calls/{call_sid}/say", web::post().to(say))
+        .configure(crate::dashboard::configure);
 }
 
 /// The form parameters of a webhook Twilio signed: the signature covers the full URL Twilio
