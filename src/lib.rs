@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod logging;
+pub mod dashboard;
 pub mod routes;
 pub mod settings;
 

@@ -11,6 +11,7 @@
 //! | `GET /calls/{call_sid}/events`, `GET /events` | live events (Server-Sent Events) of one call, of all |
 //! | `GET /metrics` | Prometheus metrics |
 //! | `POST /login`, `/logout` | the dashboard's sign-in: the admin token for a session cookie |
+//! | `GET /` | the operator dashboard (static files; its data from the routes above) |
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -112,7 +113,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/events", web::get().to(all_events))
         .route("/metrics", web::get().to(metrics))
         .route("/login", web::post().to(login))
-        .route("/logout", web::post().to(logout));
+        .route("/logout", web::post().to(logout))
+        .configure(crate::dashboard::configure);
 }
 
 /// The form parameters of a webhook Twilio signed: the signature covers the full URL Twilio
