@@ -2,8 +2,8 @@
 //! messages, protocols) is the `callbridge-actors` crate in `actors/`.
 
 pub mod admin;
-pub mod logging;
 pub mod dashboard;
+pub mod logging;
 pub mod routes;
 pub mod settings;
 

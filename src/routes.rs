@@ -161,11 +161,10 @@ async fn voice(
     let max_calls = state.settings.server.max_calls;
     let full = max_calls > 0 && state.engine.live_calls() >= max_calls;
     if full || state.engine.is_draining() {
-        state.engine.metrics().rejected_request(if full {
-            "over_capacity"
-        } else {
-            "draining"
-        });
+        state
+            .engine
+            .metrics()
+            .rejected_request(if full { "over_capacity" } else { "draining" });
         log::warn!(
             "[{call_sid}] incoming call refused ({}): answering with the fallback",
             if full {
@@ -279,6 +278,10 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         "max_calls": state.settings.server.max_calls,
         "outbound_pending": state.engine.outbound_pending(),
         "calls_ended": calls_ended,
+        "draining": state.engine.is_draining(),
+        "breaker": if degraded.is_some() { "open" } else { "closed" },
+        "event_subscribers": state.engine.events().subscribers(),
+        "event_subscribers_dropped": state.engine.events().dropped_subscribers(),
         "uptime_s": state.started.elapsed().as_secs(),
         "version": env!("CARGO_PKG_VERSION"),
     });
@@ -778,7 +781,10 @@ async fn call_events(
 }
 
 /// `GET /events`: every call's live events (SSE).
-async fn all_events(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+async fn all_events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     check_admin(&req, &state)?;
     Ok(event_stream(
         state.engine.events().subscribe_all(last_event_id(&req)),

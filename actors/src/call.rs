@@ -717,7 +717,9 @@ impl CallActor {
             self.replay_upto = self.transcript.len();
         }
         let budget = self.restarts.max_restarts();
-        self.engine.metrics().upstream_failure(failure.class().as_str());
+        self.engine
+            .metrics()
+            .upstream_failure(failure.class().as_str());
         let decision = self.restarts.on_leg_lost(&failure, ready_for, jitter());
         // Stop audio at the source first: the Twilio leg holds caller audio until a new leg,
         // and plays the hold audio meanwhile if a new leg is coming.
