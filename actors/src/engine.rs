@@ -103,6 +103,8 @@ impl Default for Observers {
 
 impl Engine {
     /// Checks the settings and that OpenAI mode has a key.
+    // One call site (the shell's start-up), each argument a section of the settings.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         registry: Addr<CallRegistry>,
         openai: OpenAiConfig,
