@@ -10,6 +10,7 @@
 (function () {
   const HEALTH_EVERY_MS = 3000;
   const POLL_EVERY_MS = 1000; // `/calls` while the event stream is not connected
+  const COUNTERS_EVERY_POLLS = 5; // and every 5 s while it is (frame counters have no events)
   const ENDED_KEEP_MS = 5000; // an ended call stays listed (greyed) this long
   const TIMELINE_MAX = 200;
 
@@ -160,8 +161,6 @@
     if (health.api) upstream += " · " + health.api;
     if (health.model) upstream += " · " + health.model;
     $("health-upstream").textContent = upstream;
-    $("health-live").textContent =
-      typeof health.live_calls === "number" ? health.live_calls + " live" : "";
     const cost = health.usage && typeof health.usage.cost_usd === "number" ? health.usage.cost_usd : null;
     $("health-cost").textContent = cost === null ? "" : "ended calls " + fmtCost(cost);
     $("health-uptime").textContent = fmtUptime(health.uptime_s);
@@ -256,6 +255,7 @@
     }
     body.replaceChildren(...rows);
     $("call-count").textContent = String(live);
+    $("health-live").textContent = live + " live";
     $("no-calls").hidden = rows.length > 0;
     if (selected) renderDetailHead();
   }
@@ -283,7 +283,12 @@
     return li;
   }
 
+  // Final transcript lines that arrived by event while the call's snapshot was being fetched:
+  // the snapshot may predate them, so they are added after it unless it already has them.
+  let arrivedWhileLoading = null;
+
   async function loadTranscript(sid) {
+    arrivedWhileLoading = [];
     try {
       const res = await api("/calls/" + encodeURIComponent(sid));
       if (selected !== sid) return;
@@ -294,7 +299,14 @@
       }
       if (!res.ok || !res.body) return;
       upsert(res.body);
-      const lines = (res.body.transcript || []).map((t) => transcriptLine(t.role, t.text, t));
+      const fetched = res.body.transcript || [];
+      const lines = fetched.map((t) => transcriptLine(t.role, t.text, t));
+      const tail = fetched.slice(-Math.max(arrivedWhileLoading.length, 1));
+      for (const d of arrivedWhileLoading) {
+        if (!tail.some((t) => t.role === d.role && t.text === d.text)) {
+          lines.push(transcriptLine(d.role, d.text, d));
+        }
+      }
       const list = $("transcript");
       const partials = [...list.querySelectorAll("li.partial")];
       list.replaceChildren(...lines, ...partials);
@@ -302,6 +314,8 @@
       render();
     } catch (e) {
       if (e instanceof Unauthorized) showLogin();
+    } finally {
+      arrivedWhileLoading = null;
     }
   }
 
@@ -471,6 +485,7 @@
       if (partial) partial.replaceWith(line);
       else list.appendChild(line);
     } else {
+      if (arrivedWhileLoading) arrivedWhileLoading.push(d);
       const line = transcriptLine(d.role, d.text, d);
       if (partial) partial.replaceWith(line);
       else list.appendChild(line);
@@ -577,10 +592,16 @@
     }
   }
 
+  let polls = 0;
+
   async function poll() {
-    // The event stream keeps the page current; without it, poll.
+    // The event stream keeps the page current; without it, poll. With it, the counters (frames,
+    // drops) that have no events are refreshed every few seconds.
     if (authNeeded) return;
-    if (!streamLive()) {
+    polls += 1;
+    if (streamLive() && polls % COUNTERS_EVERY_POLLS === 0) {
+      await refreshCalls();
+    } else if (!streamLive()) {
       await refreshCalls();
       if (selected && calls.has(selected) && !calls.get(selected).ended) loadTranscript(selected);
     }
