@@ -232,3 +232,75 @@ async fn without_tools_a_client_delegation_is_declined() {
     caller.hang_up().await;
     fake.assert_no_violations();
 }
+
+/// The operator API on GPT-Live: `say` goes as a commentary carrying the exact words; a hang-up
+/// with a goodbye goes as the next commentary (after the assistant's turn in flight), and the
+/// REST hang-up waits until the goodbye's audio has played (its marks echoed).
+#[actix_web::test]
+async fn say_and_a_goodbye_on_live() {
+    let account = Account::test();
+    let rest = FakeTwilioRest::start(account.clone()).await;
+    rest.add_live_call(SID, "+14155550100", "+14155550199");
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.twilio.api_base = rest.base_url();
+    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
+    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
+    let app = spawn_app(settings).await;
+    let (caller, session) = start(&app, &fake).await;
+    caller.set_mark_mode(support::MarkMode::Manual);
+    let client = awc::Client::default();
+    let post = |path: String, body: &'static str| {
+        client
+            .post(app.http(&path))
+            .insert_header(("Content-Type", "application/json"))
+            .send_body(body)
+    };
+    let said = post(
+        format!("/calls/{SID}/say"),
+        r#"{"text": "Your table is booked for 7 pm."}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(said.status().as_u16(), 202);
+    let appends = session.wait_text_appends(AppendKind::Commentary, 1).await;
+    assert!(
+        appends[0]
+            .content
+            .contains("Your table is booked for 7 pm."),
+        "{appends:?}"
+    );
+    // The model says it (its turn), then the operator hangs up with a goodbye.
+    session.output_transcript("Your table is booked for 7 pm.", 1_000, 2_000);
+    let bye = post(
+        format!("/calls/{SID}/hangup"),
+        r#"{"goodbye": "Thank the caller and say goodbye."}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(bye.status().as_u16(), 202);
+    let appends = session.wait_text_appends(AppendKind::Commentary, 2).await;
+    assert!(appends[1]
+        .content
+        .contains("Thank the caller and say goodbye."));
+    session.output_transcript("Thanks for calling, goodbye!", 3_000, 4_000);
+    session.audio_delta_bytes(&[0x61; 1_600]);
+    caller.recv_audio_bytes(1_600).await;
+    sleep(Duration::from_millis(1_200)).await; // the turn is over, the audio not yet heard
+    assert!(
+        rest.updates_for(SID).is_empty(),
+        "hung up before the goodbye played"
+    );
+    caller.play(200).await; // the caller hears it: marks echo
+    let played = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), rest.on_stream_end(SID))
+        .await
+        .expect("the REST hang-up");
+    let update = &rest.updates_for(SID)[0];
+    assert_eq!(update.param("Status"), Some("completed"));
+    assert!(update.at >= played, "before the marks were echoed");
+    caller.hang_up().await;
+    app.wait_ended("hung_up", Duration::from_secs(3)).await;
+    rest.assert_no_violations();
+    fake.assert_no_violations();
+}
