@@ -46,7 +46,14 @@
 //! a runtime ([`session`]: inbound, playback, turns, restart, usage, fragments), wire formats
 //! without I/O ([`protocol`]), settings ([`config`]) and the shell's entry point ([`engine`]).
 //! Call control through Twilio's REST API (hang up, redirect to new TwiML, place a call) is
-//! [`twilio_rest`], a client with no actor of its own.
+//! [`twilio_rest`], a client with no actor of its own. Tools the model calls are [`tools`],
+//! end-of-call reports the `Reporter` actor of [`report`].
+//!
+//! Observation, beside the registry and never on the audio path: each `CallActor` publishes its
+//! live events (state, transcript, barge-in, dtmf, restart, rollover, error, tool call, usage,
+//! ended) to the [`events`] hub (`/events`, `/calls/{sid}/events`), and holds a ticket in
+//! [`metrics`], whose scrape sums the live calls' `CallCounters` and the totals folded in when
+//! calls end; the Twilio leg observes the time to first audio and the playback lag there.
 //! This crate never imports the shell.
 
 pub mod ai_socket;
