@@ -1,4 +1,4 @@
-//! End-to-end: tools on GPT-Live, through Responses delegation (`gpt-live.md` §9.2), against the
+//! End-to-end: tools and call control on GPT-Live; tools through Responses delegation (`gpt-live.md` §9.2), against the
 //! strict fake GPT-Live server: the tools declared in `session.start`, a delegated function call
 //! run at its `[[tools]]` endpoint (signed; the fake receiver checks with its own HMAC), its
 //! output and the `response.create` after it, error outputs, the built-in `end_call` through the
@@ -302,5 +302,127 @@ async fn say_and_a_goodbye_on_live() {
     caller.hang_up().await;
     app.wait_ended("hung_up", Duration::from_secs(3)).await;
     rest.assert_no_violations();
+    fake.assert_no_violations();
+}
+
+/// The end-of-call report of a GPT-Live call: sent once the session's final usage is in (its
+/// seconds, the cost at $0.05 a minute, the delegated backend's tokens), with the tool line in
+/// the transcript; signed.
+#[actix_web::test]
+async fn the_report_of_a_live_call_carries_its_final_usage_and_tool_calls() {
+    let receiver = FakeReceiver::start(Some(SECRET)).await;
+    let tool_server = FakeReceiver::start(Some(SECRET)).await;
+    tool_server.answer_always(Answer::ok(r#"{"status":"shipped"}"#));
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.tools = vec![lookup(tool_server.url("/t"))];
+    settings.report.url = receiver.url("/calls/ended");
+    settings.secrets.tools_secret = Some(SecretString::from(SECRET));
+    let app = spawn_app(settings).await;
+    let (caller, session) = start(&app, &fake).await;
+    session.delegate_to_responses("dlg_1", "resp_1");
+    session.function_call("dlg_1", "call_1", "lookup_order", r#"{"order_id":"A1"}"#);
+    output_for(&session, "call_1").await;
+    session.response_completed("dlg_1", "resp_1");
+    session.usage_updated(30.0, None);
+    session.set_final_usage(48.0);
+    app.wait_call(SID, "delegated usage", |c| {
+        c["usage"]["delegated"]["input_tokens"] == 100
+    })
+    .await;
+    caller.hang_up().await;
+
+    let got = receiver.wait_received(1, Duration::from_secs(15)).await;
+    let body = &got[0].body;
+    assert_eq!(got[0].header("x-callbridge-call-sid"), Some(SID));
+    assert_eq!(body["api"], "live");
+    assert_eq!(body["end_reason"], "twilio_stop");
+    assert_eq!(body["usage"]["seconds"], 48.0, "the final value: {body}");
+    assert_eq!(body["cost_usd"], 0.04, "48 s at $0.05 a minute");
+    assert_eq!(body["usage"]["delegated"]["output_tokens"], 10);
+    let tool_lines = body["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["role"] == "tool")
+        .count();
+    assert_eq!(tool_lines, 1, "{body}");
+    receiver.assert_no_violations();
+    fake.assert_no_violations();
+}
+
+/// The built-in `transfer_call` on GPT-Live: a target `call.transfer_allow` refuses is an error
+/// output (and the backend goes on); an allowed one is a `<Dial>` through REST.
+#[actix_web::test]
+async fn builtin_transfer_call_on_live() {
+    let account = Account::test();
+    let rest = FakeTwilioRest::start(account.clone()).await;
+    rest.add_live_call(SID, "+14155550100", "+14155550199");
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.twilio.api_base = rest.base_url();
+    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
+    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
+    settings.call.builtin_tools = vec!["transfer_call".into()];
+    settings.call.transfer_allow = vec!["+1415".into()];
+    let app = spawn_app(settings).await;
+    let (caller, session) = start(&app, &fake).await;
+    session.delegate_to_responses("dlg_1", "resp_1");
+    session.function_call("dlg_1", "c0", "transfer_call", r#"{"to":"+12125550100"}"#);
+    let refused = output_for(&session, "c0").await;
+    assert!(refused["output"].as_str().unwrap().contains("not allowed"));
+    wait_response_creates(&session, 1).await;
+    assert!(rest.updates_for(SID).is_empty(), "no REST request");
+    session.function_call("dlg_1", "c1", "transfer_call", r#"{"to":"+14155550123"}"#);
+    let done = output_for(&session, "c1").await;
+    assert_eq!(done["output"], r#"{"ok":true}"#);
+    tokio::time::timeout(Duration::from_secs(10), rest.on_stream_end(SID))
+        .await
+        .expect("the REST request");
+    assert!(rest.updates_for(SID)[0]
+        .param("Twiml")
+        .unwrap()
+        .contains("+14155550123"));
+    caller.hang_up().await;
+    app.wait_ended("transferred", Duration::from_secs(3)).await;
+    assert_eq!(session.response_create_count(), 1, "not after the transfer");
+    rest.assert_no_violations();
+    fake.assert_no_violations();
+}
+
+/// A slow delegated tool (longer than `call.tool_filler_after_ms`) gets one short filler, as a
+/// commentary, while it runs; its output still goes back afterwards.
+#[actix_web::test]
+async fn a_slow_delegated_tool_gets_one_filler() {
+    let tool_server = FakeReceiver::start(None).await;
+    tool_server.answer_next(Answer {
+        status: 200,
+        body: r#"{"ok":true}"#.into(),
+        delay: Duration::from_millis(1_000),
+    });
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.tools = vec![lookup(tool_server.url("/t"))];
+    settings.call.tool_filler_after_ms = 200;
+    let app = spawn_app(settings).await;
+    let (caller, session) = start(&app, &fake).await;
+    session.delegate_to_responses("dlg_1", "resp_1");
+    session.function_call("dlg_1", "slow", "lookup_order", r#"{"order_id":"9"}"#);
+    let appends = session.wait_text_appends(AppendKind::Commentary, 1).await;
+    assert!(appends[0].content.contains("still checking"), "{appends:?}");
+    assert!(
+        session.item_creates().is_empty(),
+        "the filler came after the output"
+    );
+    let output = output_for(&session, "slow").await;
+    assert_eq!(output["output"], r#"{"ok":true}"#);
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        session.commentary().len(),
+        1,
+        "one filler: {:?}",
+        session.commentary()
+    );
+    caller.hang_up().await;
     fake.assert_no_violations();
 }
