@@ -1,9 +1,10 @@
-//! End-to-end: tools and call control on GPT-Live; tools through Responses delegation (`gpt-live.md` §9.2), against the
-//! strict fake GPT-Live server: the tools declared in `session.start`, a delegated function call
-//! run at its `[[tools]]` endpoint (signed; the fake receiver checks with its own HMAC), its
-//! output and the `response.create` after it, error outputs, the built-in `end_call` through the
-//! fake Twilio REST API, the backend's tokens in the call's usage, and a client delegation
-//! declined when no tools are declared.
+//! End-to-end: tools and call control on GPT-Live, against the strict fake GPT-Live server.
+//! Tools go through Responses delegation (`gpt-live.md` §9.2): declared in `session.start`, a
+//! delegated function call runs at its `[[tools]]` endpoint (signed; the fake receiver checks
+//! with its own HMAC), its output and the `response.create` after it, error outputs, a slow
+//! tool's filler, the built-ins `end_call` and `transfer_call` through the fake Twilio REST API,
+//! the backend's tokens in the usage and the report, and a client delegation declined when no
+//! tools are declared. The operator's say and goodbye as commentary.
 
 mod support;
 
