@@ -390,3 +390,42 @@ async fn metrics_and_events_need_the_admin_token() {
         .unwrap();
     assert_eq!(res.status().as_u16(), 200);
 }
+
+/// On GPT-Live a turn streams as it is spoken: `transcript` events with `final: false` carry
+/// the turn so far, then one with `final: true` when it closes (only that one is in the call's
+/// transcript).
+#[actix_web::test]
+async fn live_turns_stream_as_partials_then_close() {
+    use callbridge_fakes::live::FakeLive;
+    let fake = FakeLive::start().await;
+    let app = spawn_app(support::live_settings(&fake)).await;
+    let mut all = SseClient::open(&app, "/events", None).await.unwrap();
+    let caller = FakeTwilio::connect(&app.ws_url()).await;
+    let session = fake.next_session().await;
+    caller.start_call("MZlivep", SID, &[]).await;
+    session.wait_session_start().await;
+    session.output_transcript(" Morning", 1_000, 1_200);
+    session.output_transcript(" or afternoon?", 1_200, 1_600);
+    let mut lines = Vec::new();
+    while lines.len() < 3 {
+        let e = all.next(Duration::from_secs(5)).await.expect("events");
+        if e.event == "transcript" {
+            lines.push((
+                e.data["text"].as_str().unwrap().to_owned(),
+                e.data["final"].as_bool().unwrap(),
+            ));
+        }
+    }
+    assert_eq!(
+        lines,
+        [
+            ("Morning".to_owned(), false),
+            ("Morning or afternoon?".to_owned(), false),
+            ("Morning or afternoon?".to_owned(), true),
+        ]
+    );
+    let call = app.call(SID).await;
+    assert_eq!(call["transcript"].as_array().unwrap().len(), 1, "{call}");
+    caller.hang_up().await;
+    fake.assert_no_violations();
+}

@@ -1531,6 +1531,15 @@ impl Handler<Transcript> for CallActor {
     type Result = ();
 
     fn handle(&mut self, msg: Transcript, _: &mut Context<Self>) {
+        if msg.partial {
+            // A turn still being spoken: the live events show it; the transcript waits for it.
+            self.publish(CallEvent::Transcript {
+                role: msg.role.as_str(),
+                text: msg.text,
+                final_: false,
+            });
+            return;
+        }
         if self.engine.call_config().log_transcripts {
             log::info!("{} {}: {}", self.label, msg.role.as_str(), msg.text);
         }

@@ -76,6 +76,9 @@ pub struct Transcript {
     pub text: String,
     /// For the assistant: the item it belongs to (a barge-in says how much of it was heard).
     pub item_id: Option<String>,
+    /// A turn still being spoken (GPT-Live: the fragments so far): for the live events only,
+    /// not the transcript.
+    pub partial: bool,
 }
 
 /// Why a call or a leg stops.

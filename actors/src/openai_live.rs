@@ -185,6 +185,7 @@ impl OpenAiLiveActor {
                 role,
                 text,
                 item_id: None,
+                partial: false,
             });
         }
         match ended {
@@ -217,6 +218,15 @@ impl OpenAiLiveActor {
         let before = self.turns.speaking();
         let closed = self.turns.fragment(role, delta, Instant::now());
         self.on_turn_change(before, closed);
+        // The turn so far, for the live events (one per fragment, never per audio frame).
+        if let Some((role, text)) = self.turns.open_text() {
+            self.call.transcripts.do_send(Transcript {
+                role,
+                text: text.to_owned(),
+                item_id: None,
+                partial: true,
+            });
+        }
     }
 
     fn flush_turns(&mut self) {

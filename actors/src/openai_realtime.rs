@@ -249,12 +249,14 @@ impl OpenAiRealtimeActor {
                 role: Role::Assistant,
                 text: transcript,
                 item_id,
+                partial: false,
             }),
             ServerEvent::CallerTranscript { transcript } if !transcript.trim().is_empty() => {
                 self.call.transcripts.do_send(Transcript {
                     role: Role::Caller,
                     text: transcript,
                     item_id: None,
+                    partial: false,
                 })
             }
             ServerEvent::AssistantTranscript { .. } | ServerEvent::CallerTranscript { .. } => {}

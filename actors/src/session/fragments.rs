@@ -59,6 +59,13 @@ impl Turns {
         }
     }
 
+    /// The open turn so far (trimmed), if it has any text.
+    pub fn open_text(&self) -> Option<(Role, &str)> {
+        let open = self.open.as_ref()?;
+        let text = open.text.trim();
+        (!text.is_empty()).then_some((open.role, text))
+    }
+
     /// Who is speaking now (the open turn's speaker), if anyone.
     pub fn speaking(&self) -> Option<Role> {
         self.open.as_ref().map(|open| open.role)
@@ -78,6 +85,22 @@ mod tests {
 
     fn at(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn the_open_turn_so_far_is_readable() {
+        let t0 = Instant::now();
+        let mut turns = Turns::new(Duration::from_millis(800));
+        assert_eq!(turns.open_text(), None);
+        turns.fragment(Role::Assistant, " Morning", at(t0, 0));
+        assert_eq!(turns.open_text(), Some((Role::Assistant, "Morning")));
+        turns.fragment(Role::Assistant, " or afternoon?", at(t0, 100));
+        assert_eq!(
+            turns.open_text(),
+            Some((Role::Assistant, "Morning or afternoon?"))
+        );
+        turns.fragment(Role::Caller, " ", at(t0, 200));
+        assert_eq!(turns.open_text(), None, "blank so far");
     }
 
     #[test]
