@@ -48,6 +48,30 @@ async fn start(app: &TestApp, fake: &FakeLive) -> (FakeTwilio, FakeLiveSession) 
     (caller, session)
 }
 
+/// A GPT-Live call whose account has Twilio's REST API (the fake), settings tuned by `tune`.
+async fn with_rest(
+    tune: impl FnOnce(&mut callbridge::Settings),
+) -> (
+    TestApp,
+    FakeTwilioRest,
+    FakeLive,
+    FakeTwilio,
+    FakeLiveSession,
+) {
+    let account = Account::test();
+    let rest = FakeTwilioRest::start(account.clone()).await;
+    rest.add_live_call(SID, "+14155550100", "+14155550199");
+    let fake = FakeLive::start().await;
+    let mut settings = live_settings(&fake);
+    settings.twilio.api_base = rest.base_url();
+    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
+    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
+    tune(&mut settings);
+    let app = spawn_app(settings).await;
+    let (caller, session) = start(&app, &fake).await;
+    (app, rest, fake, caller, session)
+}
+
 /// The `function_call_output` the service sent for `call_id` (`response.item.create`).
 async fn output_for(session: &FakeLiveSession, call_id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -187,17 +211,10 @@ async fn delegated_tool_failures_are_error_outputs() {
 /// backend is not asked to go on.
 #[actix_web::test]
 async fn builtin_end_call_on_live() {
-    let account = Account::test();
-    let rest = FakeTwilioRest::start(account.clone()).await;
-    rest.add_live_call(SID, "+14155550100", "+14155550199");
-    let fake = FakeLive::start().await;
-    let mut settings = live_settings(&fake);
-    settings.twilio.api_base = rest.base_url();
-    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
-    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
-    settings.call.builtin_tools = vec!["end_call".into()];
-    let app = spawn_app(settings).await;
-    let (caller, session) = start(&app, &fake).await;
+    let (app, rest, fake, caller, session) = with_rest(|s| {
+        s.call.builtin_tools = vec!["end_call".into()];
+    })
+    .await;
     let tools = session.session_config()["delegation"]["responses"]["tools"].clone();
     assert_eq!(tools[0]["name"], "end_call", "{tools}");
     session.delegate_to_responses("dlg_1", "resp_1");
@@ -239,16 +256,7 @@ async fn without_tools_a_client_delegation_is_declined() {
 /// REST hang-up waits until the goodbye's audio has played (its marks echoed).
 #[actix_web::test]
 async fn say_and_a_goodbye_on_live() {
-    let account = Account::test();
-    let rest = FakeTwilioRest::start(account.clone()).await;
-    rest.add_live_call(SID, "+14155550100", "+14155550199");
-    let fake = FakeLive::start().await;
-    let mut settings = live_settings(&fake);
-    settings.twilio.api_base = rest.base_url();
-    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
-    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
-    let app = spawn_app(settings).await;
-    let (caller, session) = start(&app, &fake).await;
+    let (app, rest, fake, caller, session) = with_rest(|_| {}).await;
     caller.set_mark_mode(support::MarkMode::Manual);
     let client = awc::Client::default();
     let post = |path: String, body: &'static str| {
@@ -356,18 +364,11 @@ async fn the_report_of_a_live_call_carries_its_final_usage_and_tool_calls() {
 /// output (and the backend goes on); an allowed one is a `<Dial>` through REST.
 #[actix_web::test]
 async fn builtin_transfer_call_on_live() {
-    let account = Account::test();
-    let rest = FakeTwilioRest::start(account.clone()).await;
-    rest.add_live_call(SID, "+14155550100", "+14155550199");
-    let fake = FakeLive::start().await;
-    let mut settings = live_settings(&fake);
-    settings.twilio.api_base = rest.base_url();
-    settings.secrets.twilio_account_sid = Some(account.account_sid.clone());
-    settings.secrets.twilio_auth_token = Some(SecretString::from(account.auth_token.clone()));
-    settings.call.builtin_tools = vec!["transfer_call".into()];
-    settings.call.transfer_allow = vec!["+1415".into()];
-    let app = spawn_app(settings).await;
-    let (caller, session) = start(&app, &fake).await;
+    let (app, rest, fake, caller, session) = with_rest(|s| {
+        s.call.builtin_tools = vec!["transfer_call".into()];
+        s.call.transfer_allow = vec!["+1415".into()];
+    })
+    .await;
     session.delegate_to_responses("dlg_1", "resp_1");
     session.function_call("dlg_1", "c0", "transfer_call", r#"{"to":"+12125550100"}"#);
     let refused = output_for(&session, "c0").await;
