@@ -28,12 +28,17 @@ fn digest(id: &str) -> [u8; 32] {
     Sha256::digest(id.as_bytes()).into()
 }
 
+/// `bytes` random bytes from the operating system, in hex (session ids, outbound nonces).
+pub fn random_hex(bytes: usize) -> Result<String, getrandom::Error> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 impl Sessions {
     /// A new session: its id (256 random bits, hex), to be set as the cookie.
     pub fn create(&self) -> Result<String, getrandom::Error> {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes)?;
-        let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let id = random_hex(32)?;
         let now = Instant::now();
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.retain(|_, expires| *expires > now);

@@ -596,7 +596,10 @@ async fn place_call(
     let Some(rest) = state.engine.rest().cloned() else {
         return Err(ApiError::Unavailable(ControlRefused::NoRest.to_string()));
     };
-    let nonce = random_hex();
+    let nonce = crate::admin::random_hex(16).map_err(|e| {
+        log::error!("no randomness for an outbound call's nonce: {e}");
+        ApiError::Unavailable("cannot place a call now".into())
+    })?;
     let base = public_base(&req, &state);
     // Kept before the request: Twilio may fetch /voice as soon as the callee answers.
     state.engine.outbound_placed(
@@ -656,19 +659,6 @@ async fn outbound_status(
         }
     }
     Ok(HttpResponse::NoContent().finish())
-}
-
-/// 128 random bits in hex, from the standard library's per-instance hasher keys.
-fn random_hex() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    (0..2)
-        .map(|_| {
-            let h = std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish();
-            format!("{h:016x}")
-        })
-        .collect()
 }
 
 /// The warning shown at start-up and in `/health` when calls go to the echo assistant.
