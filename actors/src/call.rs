@@ -923,10 +923,9 @@ impl CallActor {
             if let Some(usage) = &usage {
                 self.publish(CallEvent::usage(usage));
             }
-            let report = self.report(&reason, usage.as_ref());
-            let mut totals = report["counters"].clone();
-            totals["duration_ms"] = report["duration_ms"].clone();
-            totals["cost_usd"] = report["cost_usd"].clone();
+            let mut totals = self.counters_json();
+            totals["duration_ms"] = (self.started.elapsed().as_millis() as u64).into();
+            totals["cost_usd"] = serde_json::json!(usage.as_ref().and_then(|u| u.cost_usd));
             self.publish(CallEvent::Ended {
                 reason: reason.code().into(),
                 totals,
@@ -956,9 +955,23 @@ impl CallActor {
         ctx.stop();
     }
 
+    /// The call's counters, as the end-of-call report and the `ended` event give them.
+    fn counters_json(&self) -> serde_json::Value {
+        let c = &self.counters;
+        serde_json::json!({
+            "frames_in": CallCounters::get(&c.frames_in),
+            "frames_out": CallCounters::get(&c.frames_out),
+            "barge_ins": self.turns.barge_ins,
+            "upstream_restarts": self.restarts.total,
+            "rollovers": self.rollovers,
+            "upstream_errors": self.upstream_errors,
+            "malformed_frames": CallCounters::get(&c.malformed_frames),
+            "dropped_frames": DroppedFrames::from(c.as_ref()),
+        })
+    }
+
     /// The end-of-call report (`report.url`).
     fn report(&self, reason: &StopReason, usage: Option<&CallUsage>) -> serde_json::Value {
-        let c = &self.counters;
         serde_json::json!({
             "call_sid": self.call_sid,
             "stream_sid": self.stream_sid,
@@ -974,16 +987,7 @@ impl CallActor {
             "upstream": self.engine.upstream().as_str(),
             "api": (self.engine.upstream() == UpstreamKind::OpenAi)
                 .then(|| self.engine.openai_config().api.as_str()),
-            "counters": {
-                "frames_in": CallCounters::get(&c.frames_in),
-                "frames_out": CallCounters::get(&c.frames_out),
-                "barge_ins": self.turns.barge_ins,
-                "upstream_restarts": self.restarts.total,
-                "rollovers": self.rollovers,
-                "upstream_errors": self.upstream_errors,
-                "malformed_frames": CallCounters::get(&c.malformed_frames),
-                "dropped_frames": DroppedFrames::from(c.as_ref()),
-            },
+            "counters": self.counters_json(),
             "usage": usage,
             "cost_usd": usage.and_then(|u| u.cost_usd),
             "transcript": self.transcript,
@@ -1007,14 +1011,7 @@ impl CallActor {
             UsageReport::Tokens(tokens) => {
                 meter.add_tokens(&tokens);
                 let model = meter.model().to_owned();
-                for (kind, n) in [
-                    ("input_text", tokens.input_text),
-                    ("input_audio", tokens.input_audio),
-                    ("cached_text", tokens.cached_text),
-                    ("cached_audio", tokens.cached_audio),
-                    ("output_text", tokens.output_text),
-                    ("output_audio", tokens.output_audio),
-                ] {
+                for (kind, n) in tokens.by_kind() {
                     if n > 0 {
                         metrics.tokens(api, &model, kind, n);
                     }

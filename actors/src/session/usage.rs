@@ -20,6 +20,18 @@ pub struct TokenUsage {
 }
 
 impl TokenUsage {
+    /// Each count with its kind's name (the metrics' `kind` label).
+    pub fn by_kind(&self) -> [(&'static str, u64); 6] {
+        [
+            ("input_text", self.input_text),
+            ("input_audio", self.input_audio),
+            ("cached_text", self.cached_text),
+            ("cached_audio", self.cached_audio),
+            ("output_text", self.output_text),
+            ("output_audio", self.output_audio),
+        ]
+    }
+
     pub fn add(&mut self, other: &TokenUsage) {
         self.input_text += other.input_text;
         self.input_audio += other.input_audio;
